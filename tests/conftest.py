@@ -43,6 +43,18 @@ def load_fixture(path: Path) -> dict:
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need a CUDA device: skipped, with the reason, without one.
+
+    ``pytest -m cuda`` runs just that subset (tools/gpu_check.sh)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs a CUDA device (torch.cuda.is_available() is False)')
+    for item in items:
+        if 'cuda' in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _isolate_default_scope():
     """Each test starts from the default scope it found (none, normally).

@@ -7,7 +7,8 @@ Token layout used by every mmcbsa attention: ``x`` is ``(B, N, C)`` with
 ``hw_shape``.
 """
 import math
-from typing import Optional, Sequence, Tuple, Union
+import warnings
+from typing import Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,23 @@ def merge_heads(t: Tensor) -> Tensor:
     """``(B, H, N, p) -> (B, N, H*p)``."""
     b, h, n, p = t.shape
     return t.transpose(1, 2).reshape(b, n, h * p)
+
+
+def check_input_width(x: Tensor, embed_dims: int, owner: str) -> None:
+    """Raise ``ValueError`` naming ``embed_dims`` unless ``x`` is ``(B, N, embed_dims)``."""
+    if x.dim() != 3 or x.shape[-1] != embed_dims:
+        raise ValueError(f'{owner}: expected tokens of shape (B, N, embed_dims={embed_dims}), '
+                         f'got an input of shape {tuple(x.shape)}')
+
+
+_WARNED: Set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """``warnings.warn(message)`` the first time ``key`` is seen in this process."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=3)
 
 
 def check_hw_shape(x: Tensor, hw_shape: Optional[Sequence[int]], owner: str) -> Tuple[int, int]:
