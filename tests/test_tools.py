@@ -197,7 +197,15 @@ def test_dist_train_two_processes_on_cpu(tiny, tmp_path):
                PORT=str(_free_port()))
     log = _logs(tmp_path)
     assert 'Distributed training: True' in log
-    assert 'GPU number: 2' in log  # mmengine reports the world size under this name
+    # The CPU run reports itself truthfully: the world size as CPU processes (mmengine's
+    # Runner would say "GPU number") and gloo as the backend, in the runtime environment
+    # and in the logged config (the runtime bases say nccl). torch's build settings in
+    # the system information keep their upper-case "USE_NCCL=ON": a fact about the
+    # binary, not about this run.
+    assert 'World size (CPU processes): 2' in log
+    assert "dist_cfg: {'backend': 'gloo'}" in log and "backend='gloo'" in log
+    for text in (log, out):
+        assert 'GPU number' not in text and 'nccl' not in text
     assert 'Iter(train) [4/4]' in log and (tmp_path / 'iter_4.pth').is_file()
     assert 'MMCPUDistributedDataParallel' in log or 'MMCPUDistributedDataParallel' in out
 
@@ -293,11 +301,16 @@ def test_configure_cpu_distributed_sets_wrapper():
     assert changed
     assert cfg.model_wrapper_cfg == dict(type='MMCPUDistributedDataParallel',
                                          broadcast_buffers=False, find_unused_parameters=True)
+    assert cfg.env_cfg.dist_cfg == dict(backend='gloo')
     user = Config(dict(launcher='pytorch', model_wrapper_cfg=dict(
-        type='MMDistributedDataParallel', detect_anomalous_params=True)))
+        type='MMDistributedDataParallel', detect_anomalous_params=True),
+        env_cfg=dict(cudnn_benchmark=True, dist_cfg=dict(backend='nccl', timeout=60))))
     assert configure_cpu_distributed(user)
     assert user.model_wrapper_cfg == dict(type='MMCPUDistributedDataParallel',
                                           detect_anomalous_params=True)
+    # only the backend changes: the group is gloo; timeout and the rest are kept
+    assert user.env_cfg == dict(cudnn_benchmark=True,
+                                dist_cfg=dict(backend='gloo', timeout=60))
     assert not configure_cpu_distributed(Config(dict(launcher='none')))
 
 

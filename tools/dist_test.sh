@@ -4,7 +4,7 @@
 # Without CUDA the processes run on CPU through a gloo process group (mmcbsa.utils.dist).
 CONFIG=$1
 CHECKPOINT=$2
-GPUS=$3
+NPROCS=$3
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 PORT=${PORT:-29500}
@@ -17,7 +17,7 @@ PYTHONPATH="$ROOT":$PYTHONPATH \
     --nnodes=$NNODES \
     --node_rank=$NODE_RANK \
     --master_addr=$MASTER_ADDR \
-    --nproc_per_node=$GPUS \
+    --nproc_per_node=$NPROCS \
     --master_port=$PORT \
     "$ROOT/tools/test.py" \
     $CONFIG \

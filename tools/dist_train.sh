@@ -3,7 +3,7 @@
 # Multi-node: NNODES, NODE_RANK, MASTER_ADDR and PORT from the environment.
 # Without CUDA the processes train on CPU through a gloo process group (mmcbsa.utils.dist).
 CONFIG=$1
-GPUS=$2
+NPROCS=$2
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 PORT=${PORT:-29500}
@@ -16,7 +16,7 @@ PYTHONPATH="$ROOT":$PYTHONPATH \
     --nnodes=$NNODES \
     --node_rank=$NODE_RANK \
     --master_addr=$MASTER_ADDR \
-    --nproc_per_node=$GPUS \
+    --nproc_per_node=$NPROCS \
     --master_port=$PORT \
     "$ROOT/tools/train.py" \
     $CONFIG \

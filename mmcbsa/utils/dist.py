@@ -17,11 +17,23 @@ is unavailable:
    ``not is_distributed()``, so it then leaves the existing group alone.
 2. :func:`configure_cpu_distributed` points ``cfg.model_wrapper_cfg`` at
    :class:`MMCPUDistributedDataParallel`, a registered ``MMDistributedDataParallel``
-   that drops ``device_ids``/``output_device`` for CPU modules.
+   that drops ``device_ids``/``output_device`` for CPU modules, and sets
+   ``cfg.env_cfg.dist_cfg.backend = 'gloo'`` so that the logged and dumped config
+   names the backend actually in use (mmseg's and mmpretrain's runtime bases say
+   ``'nccl'``; the Runner logs ``env_cfg`` verbatim).
+3. :class:`CPUDistributedRunner` is mmengine's ``Runner`` with one change to its
+   start-up log: ``Runner._log_env`` reports the world size under the hard-coded
+   name ``GPU number`` (mmengine 0.10.x, no option); on the CPU path that line reads
+   ``World size (CPU processes): N`` instead. ``tools/train.py``/``tools/test.py``
+   build it (:func:`mmcbsa.utils.tools_common.build_runner`) when the CPU path is
+   active and the config names no ``runner_type``.
 
-With CUDA present both functions do nothing and the stock GPU path is untouched.
+With CUDA present none of this is active and the stock GPU path is untouched. The
+system information mmengine logs (``collect_env``) still lists torch's build
+settings, e.g. ``USE_NCCL=ON``: a fact about the torch binary, not about the run.
 """
 import datetime
+import logging
 import os
 import subprocess
 from typing import Optional
@@ -30,11 +42,14 @@ import torch
 import torch.distributed as torch_dist
 from mmengine.model import MMDistributedDataParallel
 from mmengine.registry import MODEL_WRAPPERS
+from mmengine.runner import Runner
 
 __all__ = [
-    'MMCPUDistributedDataParallel', 'init_cpu_dist', 'configure_cpu_distributed',
-    'setup_cpu_distributed'
+    'MMCPUDistributedDataParallel', 'CPUDistributedRunner', 'init_cpu_dist',
+    'configure_cpu_distributed', 'setup_cpu_distributed'
 ]
+
+CPU_BACKEND = 'gloo'
 
 
 @MODEL_WRAPPERS.register_module()
@@ -53,6 +68,38 @@ class MMCPUDistributedDataParallel(MMDistributedDataParallel):
             kwargs.pop('device_ids', None)
             kwargs.pop('output_device', None)
         super().__init__(module=module, **kwargs)
+
+
+class _RenameInRecord(logging.Filter):
+    """Logger filter that replaces ``old`` by ``new`` in the message of each record."""
+
+    def __init__(self, old: str, new: str) -> None:
+        super().__init__()
+        self.old, self.new = old, new
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and self.old in record.msg:
+            record.msg = record.msg.replace(self.old, self.new)
+        return True
+
+
+class CPUDistributedRunner(Runner):
+    """mmengine ``Runner`` for the CPU (gloo) distributed path.
+
+    Identical to ``Runner`` except for one line of the environment report written
+    at construction: mmengine's ``Runner._log_env`` names the world size
+    ``GPU number`` whatever the device; here the same value is reported as
+    ``World size (CPU processes)``. Everything else (system information, runtime
+    environment, the config) is mmengine's own text.
+    """
+
+    def _log_env(self, env_cfg: dict) -> None:
+        rename = _RenameInRecord('GPU number:', 'World size (CPU processes):')
+        self.logger.addFilter(rename)
+        try:
+            super()._log_env(env_cfg)
+        finally:
+            self.logger.removeFilter(rename)
 
 
 def _launcher_env(launcher: str, port: Optional[int] = None) -> None:
@@ -108,36 +155,44 @@ def init_cpu_dist(launcher: str, timeout: Optional[float] = None,
     if timeout is not None:
         kwargs['timeout'] = datetime.timedelta(seconds=timeout)
     torch_dist.init_process_group(
-        backend='gloo', init_method='env://', rank=int(os.environ['RANK']),
+        backend=CPU_BACKEND, init_method='env://', rank=int(os.environ['RANK']),
         world_size=int(os.environ['WORLD_SIZE']), **kwargs)
     return True
 
 
 def configure_cpu_distributed(cfg) -> bool:
-    """Make ``cfg`` build a CPU-capable DDP wrapper (only when CUDA is unavailable).
+    """Make ``cfg`` describe the CPU (gloo) run (only when CUDA is unavailable).
 
-    Sets ``cfg.model_wrapper_cfg`` to :class:`MMCPUDistributedDataParallel` with the
+    Sets ``cfg.env_cfg.dist_cfg.backend = 'gloo'`` (other ``dist_cfg`` keys such as
+    ``timeout`` are kept; mmengine's ``init_dist`` is not reached on this path since
+    the group already exists, so the key only makes the logged config truthful) and
+    ``cfg.model_wrapper_cfg`` to :class:`MMCPUDistributedDataParallel` with the
     arguments mmengine's default wrapper would use (``broadcast_buffers=False``,
     ``find_unused_parameters`` from the config). A user ``model_wrapper_cfg`` of type
     ``MMDistributedDataParallel`` keeps its arguments and only changes its type; any
     other user wrapper is left alone.
 
     Returns:
-        whether ``cfg`` was changed.
+        whether ``cfg`` was changed (``False`` without a launcher or with CUDA).
     """
     if cfg.get('launcher', 'none') == 'none' or torch.cuda.is_available():
         return False
+    env_cfg = cfg.get('env_cfg', None)
+    if env_cfg is None:
+        cfg.env_cfg = dict(dist_cfg=dict(backend=CPU_BACKEND))
+    elif env_cfg.get('dist_cfg', None) is None:
+        env_cfg['dist_cfg'] = dict(backend=CPU_BACKEND)
+    else:
+        env_cfg['dist_cfg']['backend'] = CPU_BACKEND
     wrapper = cfg.get('model_wrapper_cfg', None)
     if wrapper is None:
         cfg.model_wrapper_cfg = dict(
             type='MMCPUDistributedDataParallel',
             broadcast_buffers=False,
             find_unused_parameters=cfg.get('find_unused_parameters', False))
-        return True
-    if wrapper.get('type', 'MMDistributedDataParallel') == 'MMDistributedDataParallel':
+    elif wrapper.get('type', 'MMDistributedDataParallel') == 'MMDistributedDataParallel':
         wrapper['type'] = 'MMCPUDistributedDataParallel'
-        return True
-    return False
+    return True
 
 
 def setup_cpu_distributed(cfg) -> bool:

@@ -10,7 +10,7 @@ from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from .dist import setup_cpu_distributed
+from .dist import CPUDistributedRunner, setup_cpu_distributed
 
 
 def add_runner_args(parser: argparse.ArgumentParser) -> None:
@@ -55,9 +55,11 @@ def build_runner(cfg: Config) -> Runner:
     """The config's runner (``runner_type`` if given, else mmengine's ``Runner``).
 
     On CPU-only machines a distributed launcher first gets a gloo process group and
-    DDP without device ids (:func:`setup_cpu_distributed`; a no-op with CUDA).
+    DDP without device ids (:func:`setup_cpu_distributed`; a no-op with CUDA), and the
+    runner is :class:`~mmcbsa.utils.dist.CPUDistributedRunner` (mmengine's ``Runner``
+    whose start-up log reports the world size as CPU processes, not ``GPU number``).
     """
-    setup_cpu_distributed(cfg)
+    cpu_dist = setup_cpu_distributed(cfg)
     if 'runner_type' not in cfg:
-        return Runner.from_cfg(cfg)
+        return (CPUDistributedRunner if cpu_dist else Runner).from_cfg(cfg)
     return RUNNERS.build(cfg)
