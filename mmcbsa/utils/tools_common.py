@@ -1,8 +1,10 @@
 """What tools/train.py and tools/test.py share: the runner-related command-line options,
 loading a config with those options applied, and building mmengine's Runner with the
-CPU (gloo) distributed path of :mod:`mmcbsa.utils.dist`.
+CPU (gloo) distributed path of :mod:`mmcbsa.utils.dist`, and :func:`user_errors`
+(one-line errors for the command-line tools).
 """
 import argparse
+import contextlib
 import os
 import os.path as osp
 
@@ -63,3 +65,18 @@ def build_runner(cfg: Config) -> Runner:
     if 'runner_type' not in cfg:
         return (CPUDistributedRunner if cpu_dist else Runner).from_cfg(cfg)
     return RUNNERS.build(cfg)
+
+
+@contextlib.contextmanager
+def user_errors(prog: str):
+    """Turn a user's mistake (missing file, impossible value, unknown registry name)
+    into one clear line on stderr and exit status 1 instead of a traceback::
+
+        with user_errors('get_flops.py'):
+            ...
+    """
+    try:
+        yield
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise SystemExit(f'{prog}: error: {msg}') from None
