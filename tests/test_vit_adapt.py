@@ -527,6 +527,22 @@ def test_pretrain_checkpoint_loads_unchanged(pretrain_checkpoint, tmp_path):
                for p in model.parameters())
 
 
+def test_pretrain_checkpoint_of_another_resolution(pretrain_checkpoint):
+    """How the 224-px ViT-B/L configs start from 384-px checkpoints (and the 384-px T/S
+    configs from 224-px ones): mmpretrain's load hook resizes the position embedding;
+    every other tensor arrives unchanged."""
+    path, state = pretrain_checkpoint  # built for 224 px: 14 x 14 patches
+    cfg = classifier_cfg('AdaptedVisionTransformer')
+    cfg['backbone']['img_size'] = 160  # 10 x 10
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        model = PRETRAIN_MODELS.build(dict(cfg, init_cfg=dict(type='Pretrained',
+                                                              checkpoint=str(path))))
+    model.init_weights()
+    assert model.backbone.pos_embed.shape == (1, 1 + 10 * 10, 32)
+    assert torch.equal(model.backbone.pos_embed[0, 0], state['backbone.pos_embed'][0, 0])
+    assert_loaded(model, {k: v for k, v in state.items() if k != 'backbone.pos_embed'})
+
+
 def test_seg_checkpoint_loads_unchanged(tmp_path):
     torch.manual_seed(2)
     plain = randomize(seg_vit(adapted=False), seed=2, scale=0.1)
