@@ -1,6 +1,6 @@
 """Time and memory of mmcbsa's attention mechanisms against softmax attention.
 
-For every token count ``N`` and every mechanism (CBSA, MSSA, TSSA, MiTA,
+For every token count ``N`` and every mechanism (CBSA, AdaptedCBSA, MSSA, TSSA, MiTA,
 PrimalAttention when registered, and MHSA — PyTorch SDPA — as the baseline) this
 measures, in the same process and interleaved round-robin so that load on the
 machine hits every mechanism alike:
@@ -67,7 +67,7 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 import torch  # noqa: E402
 
 BASELINE = 'MHSA'
-CANDIDATES = ('CBSA', 'MSSA', 'TSSA', 'MiTA', 'PrimalAttention')
+CANDIDATES = ('CBSA', 'AdaptedCBSA', 'MSSA', 'TSSA', 'MiTA', 'PrimalAttention')
 QUADRATIC = ('MHSA', 'MSSA')
 MODES = ('fwd', 'fwd+bwd')
 
@@ -132,7 +132,7 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> torch.nn
     """Through mmseg's MODELS (the registry users' configs go through)."""
     from mmseg.registry import MODELS
     cfg = dict(type=name, embed_dims=args.embed_dims, num_heads=args.num_heads)
-    if name == 'CBSA':
+    if name in ('CBSA', 'AdaptedCBSA'):
         cfg['num_reps'] = parse_reps(args.num_reps)
     return MODELS.build(cfg).to(device)
 
