@@ -220,8 +220,6 @@ def _fmt(value: Any, indent: int = 0, width: int = 92) -> str:
         opening, closing = ('[', ']') if isinstance(value, list) else ('(', ')')
         if isinstance(value, tuple) and len(value) == 1:
             items[0] += ','
-    elif isinstance(value, float):
-        return repr(value)
     else:
         return repr(value)
     one_line = opening + ', '.join(items) + closing
