@@ -283,25 +283,3 @@ def test_mita_segmenter_trains_with_train_tool(tmp_path):
     assert sd['decode_head.layers.0.attn.step_x'].shape == (3, )  # CBSA in the head
     log = ''.join(p.read_text() for p in work.glob('*/*.log'))
     assert re.search(rf'Iter\(train\) \[{iters}/{iters}\]', log)
-
-
-def test_cli_converts_wrapped_decoder_checkpoint(tmp_path):
-    import importlib.util
-    from pathlib import Path
-    fx = load_fixture(fixture_params('cbt_decoder')[0].values[0])
-    cfg = fx['config']
-    src, dst = tmp_path / 'official.pth', tmp_path / 'out' / 'converted.pth'
-    torch.save({'model': {'decoder.' + k: v for k, v in fx['state_dict'].items()}}, src)
-    cli_path = Path(__file__).resolve().parents[1] / 'tools/model_converters/cbt_decoder2mmcbsa.py'
-    spec = importlib.util.spec_from_file_location('cbt_decoder2mmcbsa', cli_path)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    cli.main([str(src), str(dst), '--num-reps', str(cfg['num_reps'])])
-    ckpt = torch.load(dst, map_location='cpu', weights_only=True)
-    head_kwargs = ckpt['meta']['cbt_head']
-    assert head_kwargs == cbt_head_kwargs_from_reference(cfg)
-    head = MODELS.build(dict(type='CBTHead', **head_kwargs)).eval()
-    state = {k[len('decode_head.'):]: v for k, v in ckpt['state_dict'].items()}
-    assert len(state) == len(ckpt['state_dict'])  # every key under decode_head.
-    head.load_state_dict(state, strict=True)
-    check_head_matches_fixture(head, fx, TOL)

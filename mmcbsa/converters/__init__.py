@@ -1,4 +1,10 @@
-"""Converters from the reference implementations' parameter names to mmcbsa's."""
+"""Converters from the reference implementations' parameter names to mmcbsa's.
+
+Per-kind renames (``white_box``, ``white_box_vit``, ``timm_vit``, ``primal``,
+``primal_vit``, ``mita``, ``mita_deit``, ``depict``, ``cbt_decoder``), checkpoint reading
+and writing (``checkpoint_io``), the registry of released-checkpoint kinds (``kinds``) and
+the whole conversion behind ``tools/model_converters/official2mmcbsa.py`` (``official``).
+"""
 from .white_box import (attention_kwargs_from_reference, convert_attention,
                         convert_cbsa_attention, convert_mssa_attention,
                         convert_tssa_attention)
@@ -30,6 +36,14 @@ __all__ += [
     'convert_mita_attention', 'mita_kwargs_from_reference', 'convert_primal',
     'convert_primal_attention', 'primal_kwargs_from_reference'
 ]
-from .checkpoint_io import load_reference_state_dict, save_converted  # noqa: E402
+from .checkpoint_io import (ConversionError, load_reference_state_dict,  # noqa: E402
+                            read_reference_checkpoint, save_converted)
 
-__all__ += ['load_reference_state_dict', 'save_converted']
+__all__ += ['ConversionError', 'load_reference_state_dict', 'read_reference_checkpoint',
+            'save_converted']
+from .kinds import KINDS, ConvertOptions, recognise  # noqa: E402
+from .official import (ConversionFailed, ConversionReport,  # noqa: E402
+                       convert_official_checkpoint)
+
+__all__ += ['KINDS', 'ConvertOptions', 'recognise', 'ConversionFailed', 'ConversionReport',
+            'convert_official_checkpoint']

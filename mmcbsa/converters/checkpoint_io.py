@@ -1,61 +1,183 @@
-"""Reading reference checkpoints and writing converted ones (shared by the CLIs in
-``tools/model_converters/``).
+"""Reading reference checkpoints and writing converted ones (used by
+``tools/model_converters/official2mmcbsa.py``).
 
 A reference checkpoint is a parameter dict, possibly wrapped (several times) in
 ``{'model': ...}`` or ``{'state_dict': ...}`` next to training state (``epoch``,
-``optimizer`` ...), with DataParallel's ``module.`` prefix on its keys. A converted
-checkpoint is ``{'state_dict': ..., 'meta': {'converted_from': <file name>, ...}}``,
-which ``mmengine.runner.load_checkpoint`` reads.
+``optimizer``, ``args`` ...), with DataParallel's ``module.`` prefix on its keys:
+
+- CBSA / CRATE / ToST classifiers (CBSA repository ``main.py``):
+  ``{'epoch', 'arch', 'state_dict': <DataParallel, 'module.' keys>, 'best_acc1',
+  'optimizer', 'scheduler'}``;
+- DeiT-style training scripts (MiTA-DeiT, Primal.+DeiT, PrimalFormer):
+  ``{'model', 'optimizer', 'lr_scheduler', 'epoch', 'model_ema', 'scaler', 'args'}``
+  where ``args`` is an ``argparse.Namespace``;
+- Segmenter-style scripts (DEPICT, CBT segmentation): ``{'model', 'optimizer',
+  'n_cls', 'lr_scheduler', ['loss_scaler',] 'epoch'}``.
+
+Loading is always ``torch.load(weights_only=True)``: only tensors, containers, plain
+values and allow-listed classes are unpickled (``argparse.Namespace`` is allowed here:
+rebuilding one only sets attributes). Anything else -- a pickled class, a function
+call -- is refused with :class:`ConversionError`, as are truncated or corrupt files.
+
+A converted checkpoint is ``{'state_dict': ..., 'meta': {'converted_from': <file
+name>, ...}}``, which ``mmengine.runner.load_checkpoint`` reads.
 """
+import argparse
 import os
 import os.path as osp
-from typing import Any, Dict, Mapping
+import pickle
+import re
+import zipfile
+from typing import Any, Dict, List, Mapping, NamedTuple
 
 import torch
 from torch import Tensor
 
+__all__ = ['ConversionError', 'ReferenceCheckpoint', 'read_reference_checkpoint',
+           'load_reference_state_dict', 'save_converted']
+
 _WRAPPERS = ('model', 'state_dict')
 _DP_PREFIX = 'module.'
+# Classes (besides mmcbsa's allow-list, see mmcbsa.utils.safe_globals) that the
+# training scripts' checkpoints hold next to the weights.
+_EXTRA_SAFE_GLOBALS = [argparse.Namespace]
 
 
-def _unwrap(checkpoint: Any) -> Any:
-    """Descend into ``'model'`` / ``'state_dict'`` entries while they hold dicts."""
-    while isinstance(checkpoint, Mapping):
-        inner = next((checkpoint[k] for k in _WRAPPERS
-                      if isinstance(checkpoint.get(k), Mapping)), None)
+class ConversionError(ValueError):
+    """A checkpoint, or an option, that the converters refuse.
+
+    The message is one line meant for the user: it names the file or the option and
+    the problem (``tools/model_converters/official2mmcbsa.py`` prints it as is).
+    """
+
+
+class ReferenceCheckpoint(NamedTuple):
+    """What :func:`read_reference_checkpoint` found in a file.
+
+    Attributes:
+        state_dict: the parameters, ``module.`` stripped, on CPU.
+        wrappers: the entries descended into to reach them, e.g. ``['model']``.
+        stripped_prefix: number of keys that lost a leading ``module.``.
+        extras: the other top-level entries of the outermost dict (``epoch``,
+            ``optimizer``, ``args`` ...), untouched.
+    """
+    state_dict: Dict[str, Tensor]
+    wrappers: List[str]
+    stripped_prefix: int
+    extras: Dict[str, Any]
+
+
+def _first_line(error: BaseException) -> str:
+    text = ' '.join(str(error).split('\n')[0].split())
+    return text or type(error).__name__
+
+
+def _torch_load(path: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, every failure turned into a
+    one-line :class:`ConversionError`."""
+    if not osp.exists(path):
+        raise ConversionError(f'{path}: no such file')
+    if not osp.isfile(path):
+        raise ConversionError(f'{path}: not a file')
+    if osp.getsize(path) == 0:
+        raise ConversionError(f'{path} is empty (0 bytes): not a checkpoint')
+    # Zip-format files (torch >= 1.6) are memory-mapped: a large checkpoint is not read
+    # into memory twice while it is converted.
+    mmap = zipfile.is_zipfile(path)
+    try:
+        with torch.serialization.safe_globals(_EXTRA_SAFE_GLOBALS):
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        message = str(e)
+        found = re.search(r'GLOBAL ([\w.]+)', message)
+        if found:  # a class or function reference: arbitrary code on a plain unpickle
+            raise ConversionError(
+                f'{path} is not a weights-only checkpoint: it needs {found.group(1)} to load, '
+                'which is refused (unpickling it could run arbitrary code)') from None
+        detail = re.search(r'WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)', message, re.S)
+        detail = ' '.join(detail.group(1).split()) if detail else _first_line(e)
+        raise ConversionError(f'{path} is truncated or corrupt (not a readable torch '
+                              f'checkpoint: {detail})') from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError, TypeError,
+            zipfile.BadZipFile) as e:
+        raise ConversionError(
+            f'{path} is truncated or corrupt (not a readable torch checkpoint: '
+            f'{_first_line(e)})') from None
+
+
+def read_reference_checkpoint(path: str) -> ReferenceCheckpoint:
+    """Load a reference checkpoint file and find its parameters.
+
+    Loads with ``weights_only=True`` (see the module docstring), descends into
+    ``'model'`` / ``'state_dict'`` entries while they hold dicts (``'model'`` first,
+    so DeiT's ``'model_ema'`` is not taken), and strips one leading ``module.`` from
+    every key.
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        A :class:`ReferenceCheckpoint`.
+
+    Raises:
+        ConversionError: missing, empty, truncated or corrupt file; a file that is
+            not weights-only; contents that are not a dict of tensors (names the
+            first offending entry).
+    """
+    top = _torch_load(path)
+    if not isinstance(top, Mapping):
+        raise ConversionError(f'{path} holds a {type(top).__name__}, not a dict of '
+                              'parameters')
+    wrappers: List[str] = []
+    checkpoint = top
+    while True:
+        inner = next((k for k in _WRAPPERS if isinstance(checkpoint.get(k), Mapping)), None)
         if inner is None:
             break
-        checkpoint = inner
-    return checkpoint
+        wrappers.append(inner)
+        checkpoint = checkpoint[inner]
+    extras = {k: v for k, v in top.items() if k != wrappers[0]} if wrappers else {}
+    out: Dict[str, Tensor] = {}
+    stripped = 0
+    for key, value in checkpoint.items():
+        if not isinstance(value, Tensor):
+            where = ''.join(f'[{w!r}]' for w in wrappers)
+            raise ConversionError(f'{path}: entry {where}[{key!r}] is a '
+                                  f'{type(value).__name__}, not a tensor')
+        if not isinstance(key, str):
+            raise ConversionError(f'{path}: parameter name {key!r} is not a string')
+        if key.startswith(_DP_PREFIX):
+            key, stripped = key[len(_DP_PREFIX):], stripped + 1
+        if key in out:
+            raise ConversionError(f'{path}: parameter {key!r} appears twice (with and '
+                                  f'without {_DP_PREFIX!r})')
+        out[key] = value
+    if not out:
+        raise ConversionError(f'{path} holds no parameters')
+    return ReferenceCheckpoint(out, wrappers, stripped, extras)
 
 
 def load_reference_state_dict(path: str) -> Dict[str, Tensor]:
-    """The parameters of a reference checkpoint file, on CPU.
-
-    Loads with ``weights_only=True`` (no arbitrary pickles), unwraps ``'model'`` /
-    ``'state_dict'`` (nested wrappers too) and strips one leading ``module.`` from
-    every key.
+    """The parameters of a reference checkpoint file, on CPU
+    (:func:`read_reference_checkpoint` without the bookkeeping).
 
     Raises:
-        TypeError: if what is left is not a dict of tensors (names the first
-            offending key).
+        ConversionError: see :func:`read_reference_checkpoint`.
     """
-    state_dict = _unwrap(torch.load(path, map_location='cpu', weights_only=True))
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f'load_reference_state_dict: {path} holds a '
-                        f'{type(state_dict).__name__}, not a parameter dict')
-    out: Dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        if not isinstance(value, Tensor):
-            raise TypeError(f'load_reference_state_dict: {path}: entry {key!r} is a '
-                            f'{type(value).__name__}, not a tensor')
-        out[key[len(_DP_PREFIX):] if key.startswith(_DP_PREFIX) else key] = value
-    return out
+    return read_reference_checkpoint(path).state_dict
 
 
 def save_converted(state_dict: Mapping[str, Tensor], dst: str, src: str, **meta: Any) -> None:
     """Write ``{'state_dict': state_dict, 'meta': {'converted_from': basename(src),
-    **meta}}`` to ``dst``, creating its directory."""
+    **meta}}`` to ``dst``, creating its directory.
+
+    Args:
+        state_dict: converted parameters.
+        dst: output file.
+        src: the reference file (only its base name is recorded).
+        **meta: more ``meta`` entries (plain values only: the file must stay
+            loadable with ``weights_only=True``).
+    """
     os.makedirs(osp.dirname(osp.abspath(dst)), exist_ok=True)
     torch.save(dict(state_dict=dict(state_dict),
                     meta=dict(converted_from=osp.basename(src), **meta)), dst)
