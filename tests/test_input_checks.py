@@ -250,9 +250,11 @@ def test_binary_head_refuses_the_softmax_loss(name, classes):
 
 
 @pytest.mark.parametrize('name', sorted(HEADS))
-def test_out_channels_other_than_classes_or_one_is_refused(name):
+def test_out_channels_must_fit_num_classes(name):
     with pytest.raises(ValueError, match='out_channels'):
         MODELS.build(_head_cfg(name, num_classes=3, out_channels=2, loss_decode=SOFTMAX_CE))
+    with pytest.raises(ValueError, match='num_classes must be 1 or 2, got 3'):
+        MODELS.build(_head_cfg(name, num_classes=3, out_channels=1, loss_decode=SIGMOID_CE))
 
 
 @pytest.mark.parametrize('name', sorted(HEADS))

@@ -101,8 +101,8 @@ class ClassMaskHead(BaseDecodeHead):
 
     Raises:
         ValueError: naming the parameter for sizes that cannot work, ``out_channels``
-            other than ``num_classes`` or 1, or a binary head (``out_channels=1``)
-            trained with the softmax cross-entropy (constant for one channel).
+            other than ``num_classes`` or 1 (1 with ``num_classes`` 1 or 2 only), or a
+            binary head trained with the softmax cross-entropy (constant for one channel).
     """
 
     def __init__(self,
@@ -127,6 +127,9 @@ class ClassMaskHead(BaseDecodeHead):
             raise ValueError(f'{owner}: out_channels ({out_channels!r}) must be num_classes '
                              f'({num_classes}), or 1 for a binary head (one foreground logit '
                              'thresholded by `threshold`)')
+        if out_channels == 1 and num_classes > 2:
+            raise ValueError(f'{owner}: out_channels=1 is the binary mode (background / '
+                             f'foreground), so num_classes must be 1 or 2, got {num_classes}')
         if out_channels == 1:
             check_binary_loss(owner, num_classes, kwargs.get('loss_decode'))
         elif num_classes == 2:
