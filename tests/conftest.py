@@ -95,3 +95,14 @@ def _isolate_default_scope():
     yield
     DefaultScope._instance_dict.clear()
     DefaultScope._instance_dict.update(saved)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (restored after): on small tensors OpenMP's
+    hand-offs between two threads dominate, 10x and more on a loaded 2-core machine.
+    Use with ``pytestmark = pytest.mark.usefixtures('one_thread')``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

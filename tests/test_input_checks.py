@@ -28,18 +28,9 @@ from mmcbsa.models.backbones import WhiteBoxViT
 from mmcbsa.models.layers import ISTA
 from mmcbsa.registry import build_model
 
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny tensors
 SIGMOID_CE = dict(type='CrossEntropyLoss', use_sigmoid=True, loss_weight=1.0)
 SOFTMAX_CE = dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids the OpenMP hand-offs that dominate
-    (10x and more) on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

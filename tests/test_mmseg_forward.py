@@ -22,7 +22,7 @@ It reads the config relative to mmseg's config folder, so its config loader
   preprocessor's ``size``): at 512×512 the 150-class cross-entropy alone takes seconds.
 
 The decode head is built exactly as configured (classes, layers, heads, widths,
-representatives). The test runs with one intra-op thread (tiny tensors).
+representatives). The test runs with one intra-op thread (conftest `one_thread`).
 
 Known at the time of writing: the MiTA configs (``cbt/mita-*``) fail here until MiTA
 accepts fewer keys than ``topk`` (the 32×32 predict image has 4 or 16 patch tokens for 49
@@ -35,10 +35,10 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-import torch
 from mmengine.config import Config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny tensors
 TRAIN_PAD = (64, 64)
 
 
@@ -104,14 +104,6 @@ def _shallow_backbone(backbone) -> None:
 @pytest.fixture(scope='module')
 def mmseg_forward():
     return _mmseg_forward_module()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize('path', _mmseg_configs())
