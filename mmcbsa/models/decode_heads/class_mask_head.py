@@ -183,8 +183,8 @@ class ClassMaskHead(BaseDecodeHead):
         return self.masks(patches, c, (h, w))
 
     def masks(self, patches: Tensor, c: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
-        """SPEC §3 masks: cosine similarity of patches and classes, LN over classes
-        (binary mode: the learned affine ``s · cos + b`` instead of the LN).
+        """Masks (docs/mechanisms.md §3): cosine similarity of patches and classes, LN
+        over classes (binary mode: the learned affine ``s · cos + b`` instead of the LN).
 
         ``patches (B, hw, d)``, ``c (B, K, d)`` -> ``(B, K, h, w)``.
         """
