@@ -195,7 +195,9 @@ def test_segmentor_predict(test_cfg):
     (dict(num_classes=0), 'num_classes'),
     (dict(channels=0), 'channels'),
     (dict(in_channels=0), 'in_channels'),
-    (dict(out_channels=1, num_classes=2), 'out_channels'),
+    (dict(out_channels=3, num_classes=2), 'out_channels'),
+    (dict(out_channels=1, num_classes=2), 'use_sigmoid'),  # binary: sigmoid loss
+    (dict(num_classes=1), 'use_sigmoid'),
     (dict(dropout_ratio=1.0), 'dropout_ratio'),
     (dict(attn_cfg=dict(embed_dims=8)), 'embed_dims'),
     # a swapped attention gets no head_dims: MSSA needs channels % num_heads == 0

@@ -1,5 +1,6 @@
-"""tools/misc/make_mini_dataset.py: layouts, label values, determinism, and that the
-real mmseg / mmpretrain dataset classes read the output unchanged."""
+"""tools/misc/make_mini_dataset.py: layouts (ADE20K, Cityscapes, ImageNet), label values,
+determinism, and that the real mmseg / mmpretrain dataset classes read the output
+unchanged."""
 import hashlib
 import importlib.util
 from pathlib import Path
@@ -113,6 +114,77 @@ def test_mmseg_ade20k_dataset_reads_it(mini_ade):
     np.testing.assert_array_equal(gt[0].numpy(), expected)
 
 
+@pytest.fixture(scope='module')
+def mini_cityscapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp('cs') / 'mini_cityscapes'
+    gen.main(['--dataset', 'cityscapes', '--out', str(root), '--num-train', '5',
+              '--num-val', '3', '--size', '40', '72', '--seed', '3'])
+    return root
+
+
+def test_cityscapes_layout_and_labels(mini_cityscapes):
+    """leftImg8bit / gtFine per split and city, Cityscapes file names, train ids and 255."""
+    root = mini_cityscapes
+    expected = {
+        'train': ['aachen_000000_000019', 'aachen_000001_000019', 'aachen_000002_000019',
+                  'bremen_000000_000019', 'bremen_000001_000019'],
+        'val': ['frankfurt_000000_000019', 'frankfurt_000001_000019', 'lindau_000000_000019'],
+    }
+    seen = set()
+    for split, stems in expected.items():
+        images = sorted(p.relative_to(root / 'leftImg8bit' / split).as_posix()
+                        for p in (root / 'leftImg8bit' / split).rglob('*.png'))
+        assert images == [f'{s.split("_")[0]}/{s}_leftImg8bit.png' for s in stems]
+        labels = sorted((root / 'gtFine' / split).rglob('*.png'))
+        assert [p.name for p in labels] == [f'{s}_gtFine_labelTrainIds.png' for s in stems]
+        for ann in labels:
+            label = cv2.imread(str(ann), cv2.IMREAD_UNCHANGED)
+            assert label.dtype == np.uint8 and label.shape == (40, 72)
+            seen |= set(np.unique(label).tolist())
+            img = cv2.imread(str(ann).replace('gtFine', 'leftImg8bit').replace(
+                '_leftImg8bit_labelTrainIds', '_leftImg8bit'), cv2.IMREAD_UNCHANGED)
+            assert img.shape == (40, 72, 3)
+    assert seen <= set(gen.CITYSCAPES_CLASSES) | {255}
+    assert len(seen - {255}) >= 4 and 255 in seen  # several classes and an ignored region
+    assert set(gen.CITYSCAPES_CLASSES) <= set(range(19))
+
+
+def test_cityscapes_deterministic(tmp_path):
+    args = ['--dataset', 'cityscapes', '--num-train', '2', '--num-val', '1', '--size', '24', '48']
+    gen.main(args + ['--out', str(tmp_path / 'a'), '--seed', '7'])
+    gen.main(args + ['--out', str(tmp_path / 'b'), '--seed', '7'])
+    gen.main(args + ['--out', str(tmp_path / 'c'), '--seed', '8'])
+    assert _digest(tmp_path / 'a') == _digest(tmp_path / 'b')
+    assert _digest(tmp_path / 'a') != _digest(tmp_path / 'c')
+
+
+def test_mmseg_cityscapes_dataset_reads_it(mini_cityscapes):
+    """mmseg's CityscapesDataset with the mini config's data settings: counts, the 19
+    Cityscapes classes, labels passed through unchanged (train ids, 255 ignored)."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import DATASETS
+    init_default_scope('mmseg')
+    cfg = Config.fromfile(str(REPO / 'configs/_base_/datasets/mini_cityscapes.py'))
+    sizes = {}
+    for split in ('train', 'val'):
+        ds_cfg = cfg[f'{split}_dataloader'].dataset
+        ds_cfg.data_root = str(mini_cityscapes)
+        ds_cfg.pipeline = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations'),
+                           dict(type='PackSegInputs')]
+        ds = DATASETS.build(ds_cfg)
+        assert type(ds).__name__ == 'CityscapesDataset'
+        assert len(ds.metainfo['classes']) == 19 and ds.metainfo['classes'][13] == 'car'
+        sizes[split] = len(ds)
+    assert sizes == {'train': 5, 'val': 3}
+    sample = ds[2]  # val, sorted by path: lindau_000000_000019
+    assert sample['data_samples'].img_path.endswith('lindau_000000_000019_leftImg8bit.png')
+    assert tuple(sample['inputs'].shape) == (3, 40, 72)
+    raw = cv2.imread(str(mini_cityscapes / 'gtFine/val/lindau/'
+                         'lindau_000000_000019_gtFine_labelTrainIds.png'), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(sample['data_samples'].gt_sem_seg.data[0].numpy(), raw)
+
+
 def test_imagenet_layout_and_mmpretrain_reads_it(tmp_path):
     root = tmp_path / 'mini_imagenet'
     gen.main(['--dataset', 'imagenet', '--out', str(root), '--num-classes', '3',
@@ -155,3 +227,17 @@ def test_bad_arguments_name_the_parameter(tmp_path):
         gen.make_imagenet(str(tmp_path), 21, 1, 1, (16, 16), 0)
     with pytest.raises(ValueError, match='size'):
         gen.main(['--out', str(tmp_path / 'x'), '--size', '4', '16'])
+    with pytest.raises(ValueError, match='num_train'):
+        gen.main(['--dataset', 'cityscapes', '--out', str(tmp_path / 'y'), '--num-train', '-1'])
+
+
+def test_cli_reports_a_mistake_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, str(REPO / 'tools/misc/make_mini_dataset.py'),
+                           '--dataset', 'cityscapes', '--out', str(tmp_path / 'z'),
+                           '--size', '4', '64'], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == 'make_mini_dataset.py: error: size (4 x 64) must be at ' \
+        'least 8 x 8'
+    assert not (tmp_path / 'z').exists()

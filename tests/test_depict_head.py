@@ -188,7 +188,9 @@ def test_masks_upsampled_by_base_head():
     (dict(num_classes=0), 'num_classes'),
     (dict(channels=0), 'channels'),
     (dict(in_channels=0), 'in_channels'),
-    (dict(out_channels=1, num_classes=2), 'out_channels'),
+    (dict(out_channels=3, num_classes=2), 'out_channels'),
+    (dict(out_channels=1, num_classes=2), 'use_sigmoid'),  # binary: sigmoid loss
+    (dict(num_classes=1), 'use_sigmoid'),
     (dict(dropout_ratio=1.5), 'dropout_ratio'),
     (dict(in_channels=[8, 8], in_index=[0, 1], input_transform='multiple_select'),
      'input_transform'),

@@ -1,4 +1,5 @@
-"""Generate small synthetic datasets in the exact on-disk layouts of ADE20K and ImageNet.
+"""Generate small synthetic datasets in the exact on-disk layouts of ADE20K, Cityscapes
+and ImageNet.
 
 The images carry learnable structure: every class has its own colour *and* texture
 (stripes, checker board, dots, smooth noise, ...) and is drawn as random shapes; the
@@ -12,6 +13,16 @@ mmseg's ``ADE20KDataset`` (``reduce_zero_label=True``)::
     <out>/images/validation/ADE_val_00000001.jpg
     <out>/annotations/training/ADE_train_00000001.png  uint8, 1 channel:
     <out>/annotations/validation/ADE_val_00000001.png    0 = other/ignore, 1..150 = ADE ids
+
+Cityscapes (``--dataset cityscapes``), the layout read unchanged by mmseg's
+``CityscapesDataset`` (``leftImg8bit`` / ``gtFine`` folders per split and city, train ids
+0..18 in ``*_gtFine_labelTrainIds.png``, 255 = ignore)::
+
+    <out>/leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png   RGB (PNG)
+    <out>/leftImg8bit/val/frankfurt/frankfurt_000000_000019_leftImg8bit.png
+    <out>/gtFine/train/aachen/aachen_000000_000019_gtFine_labelTrainIds.png  uint8, 1 ch.:
+    <out>/gtFine/val/frankfurt/frankfurt_000000_000019_gtFine_labelTrainIds.png
+                                                    0..18 = Cityscapes train ids, 255 = ignore
 
 ImageNet (``--dataset imagenet``), read unchanged by mmpretrain's
 ``ImageNet(data_root=<out>, split='train'|'val')`` (through ``meta/<split>.txt``, whose
@@ -27,12 +38,14 @@ the folder names)::
 Examples::
 
     python tools/misc/make_mini_dataset.py --dataset ade20k --out data/mini_ade20k
+    python tools/misc/make_mini_dataset.py --dataset cityscapes --out data/mini_cityscapes
     python tools/misc/make_mini_dataset.py --dataset imagenet --out data/mini_imagenet \
         --num-classes 10 --size 64 64
 """
 import argparse
 import os
 import os.path as osp
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
@@ -132,6 +145,14 @@ def _to_uint8(img: np.ndarray, rng: np.random.Generator, noise: float) -> np.nda
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
+def _write_png(path: str, image: np.ndarray) -> None:
+    """Write an RGB ``(h, w, 3)`` image or an ``(h, w)`` label map as a PNG."""
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    if not cv2.imwrite(path, image):
+        raise OSError(f'could not write {path}')
+
+
 def _write_jpeg(path: str, rgb: np.ndarray) -> None:
     ok = cv2.imwrite(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
                      [int(cv2.IMWRITE_JPEG_QUALITY), 95])
@@ -162,11 +183,11 @@ ADE_BACKGROUNDS = (1, 3, 4)
 _IGNORE_LOOK = Appearance((128, 128, 128), 'noise', 3, 70.0)
 
 
-def draw_ade_sample(h: int, w: int, rng: np.random.Generator,
-                    classes: Dict[int, Appearance] = ADE_CLASSES,
-                    backgrounds: Sequence[int] = ADE_BACKGROUNDS
-                    ) -> Tuple[np.ndarray, np.ndarray]:
-    """One ``(h, w, 3)`` uint8 RGB image and its ``(h, w)`` uint8 ADE label map."""
+def draw_scene(h: int, w: int, rng: np.random.Generator, classes: Dict[int, Appearance],
+               backgrounds: Sequence[int], ignore_label: int) -> Tuple[np.ndarray, np.ndarray]:
+    """One ``(h, w, 3)`` uint8 RGB image and its ``(h, w)`` uint8 label map: a textured
+    background class, 2–5 random shapes of other classes on top, and in half of the
+    images a small noisy region labelled ``ignore_label``."""
     bg = int(rng.choice(backgrounds))
     image = render_texture(classes[bg], h, w, rng)
     label = np.full((h, w), bg, np.uint8)
@@ -176,11 +197,20 @@ def draw_ade_sample(h: int, w: int, rng: np.random.Generator,
         mask = shape_mask(str(rng.choice(['rect', 'ellipse', 'polygon'])), h, w, rng)
         image[mask] = render_texture(classes[cls], h, w, rng)[mask]
         label[mask] = cls
-    if rng.random() < 0.5:  # a small 'other' region (label 0, ignored in training)
+    if rng.random() < 0.5:  # a small region of the ignored label
         mask = shape_mask('ellipse', h, w, rng, scale=(0.05, 0.15))
         image[mask] = render_texture(_IGNORE_LOOK, h, w, rng)[mask]
-        label[mask] = 0
+        label[mask] = ignore_label
     return _to_uint8(image, rng, noise=4.0), label
+
+
+def draw_ade_sample(h: int, w: int, rng: np.random.Generator,
+                    classes: Dict[int, Appearance] = ADE_CLASSES,
+                    backgrounds: Sequence[int] = ADE_BACKGROUNDS
+                    ) -> Tuple[np.ndarray, np.ndarray]:
+    """One ``(h, w, 3)`` uint8 RGB image and its ``(h, w)`` uint8 ADE label map
+    (0 = 'other', ignored by mmseg's ``reduce_zero_label``)."""
+    return draw_scene(h, w, rng, classes, backgrounds, ignore_label=0)
 
 
 def make_ade20k(out: str, num_train: int, num_val: int, size: Tuple[int, int],
@@ -200,6 +230,53 @@ def make_ade20k(out: str, num_train: int, num_val: int, size: Tuple[int, int],
             _write_jpeg(osp.join(img_dir, name + '.jpg'), image)
             if not cv2.imwrite(osp.join(ann_dir, name + '.png'), label):
                 raise OSError(f'could not write {name}.png')
+        counts[split] = num
+    return counts
+
+
+# ---------------------------------------------------------------------------------------
+# Mini Cityscapes
+# ---------------------------------------------------------------------------------------
+
+# Cityscapes train ids (0..18, as in *_gtFine_labelTrainIds.png) -> appearance.
+CITYSCAPES_CLASSES: Dict[int, Appearance] = {
+    0: Appearance((110, 90, 120), 'hstripes', 8),     # road
+    1: Appearance((220, 170, 210), 'diag', 6),        # sidewalk
+    2: Appearance((150, 70, 60), 'checker', 8),       # building
+    6: Appearance((240, 170, 40), 'checker', 4),      # traffic light
+    8: Appearance((60, 140, 50), 'noise', 6, 55.0),   # vegetation
+    10: Appearance((100, 160, 230), 'plain', 1, 0.0),  # sky
+    11: Appearance((220, 30, 60), 'vstripes', 4),     # person
+    13: Appearance((30, 40, 160), 'dots', 7),         # car
+}
+CITYSCAPES_BACKGROUNDS = (0, 2, 10)
+CITYSCAPES_IGNORE = 255
+# Real Cityscapes city names per split (the dataset finds images recursively).
+CITYSCAPES_CITIES = {'train': ('aachen', 'bremen'), 'val': ('frankfurt', 'lindau')}
+
+
+def make_cityscapes(out: str, num_train: int, num_val: int, size: Tuple[int, int],
+                    seed: int) -> Dict[str, int]:
+    """Write the mini Cityscapes to ``out``; returns the number of images per split.
+
+    Image ``i`` of a split goes to city ``cities[i % len(cities)]`` as
+    ``<city>_<i // len(cities):06d>_000019`` (Cityscapes' annotated frame number).
+    """
+    h, w = size
+    counts = {}
+    for split_id, (split, num) in enumerate([('train', num_train), ('val', num_val)]):
+        cities = CITYSCAPES_CITIES[split]
+        for i in range(num):
+            city = cities[i % len(cities)]
+            name = f'{city}_{i // len(cities):06d}_000019'
+            img_dir = osp.join(out, 'leftImg8bit', split, city)
+            ann_dir = osp.join(out, 'gtFine', split, city)
+            os.makedirs(img_dir, exist_ok=True)
+            os.makedirs(ann_dir, exist_ok=True)
+            image, label = draw_scene(h, w, _rng(seed, 20 + split_id, i), CITYSCAPES_CLASSES,
+                                      CITYSCAPES_BACKGROUNDS, CITYSCAPES_IGNORE)
+            _write_png(osp.join(img_dir, name + '_leftImg8bit.png'), image)
+            _write_png(osp.join(ann_dir, name + '_gtFine_labelTrainIds.png'), label)
         counts[split] = num
     return counts
 
@@ -305,39 +382,55 @@ def make_imagenet(out: str, num_classes: int, num_train: int, num_val: int,
     return counts
 
 
+# dataset -> (training images, validation images, (H, W)) by default
+DEFAULTS = {
+    'ade20k': (400, 40, (128, 128)),
+    'cityscapes': (200, 20, (128, 256)),
+    'imagenet': (20, 5, (64, 64)),
+}
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--dataset', choices=['ade20k', 'imagenet'], default='ade20k')
+    parser = argparse.ArgumentParser(description=' '.join(__doc__.split('\n\n')[0].split()))
+    parser.add_argument('--dataset', choices=list(DEFAULTS), default='ade20k')
     parser.add_argument('--out', required=True, help='output root directory')
     parser.add_argument('--num-train', type=int, default=None,
-                        help='training images (imagenet: per class). '
-                        'Default: ade20k 400, imagenet 20')
+                        help='training images (imagenet: per class). Default: ' +
+                        ', '.join(f'{k} {v[0]}' for k, v in DEFAULTS.items()))
     parser.add_argument('--num-val', type=int, default=None,
-                        help='validation images (imagenet: per class). '
-                        'Default: ade20k 40, imagenet 5')
+                        help='validation images (imagenet: per class). Default: ' +
+                        ', '.join(f'{k} {v[1]}' for k, v in DEFAULTS.items()))
     parser.add_argument('--num-classes', type=int, default=10,
                         help=f'imagenet only: number of classes (1..{len(IMAGENET_WNIDS)})')
     parser.add_argument('--size', type=int, nargs=2, metavar=('H', 'W'), default=None,
-                        help='image height and width. Default: ade20k 128 128, imagenet 64 64')
+                        help='image height and width. Default: ' +
+                        ', '.join(f'{k} {v[2][0]} {v[2][1]}' for k, v in DEFAULTS.items()))
     parser.add_argument('--seed', type=int, default=0)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    size = tuple(args.size or ((128, 128) if args.dataset == 'ade20k' else (64, 64)))
+    default_train, default_val, default_size = DEFAULTS[args.dataset]
+    size = tuple(args.size or default_size)
     if min(size) < 8:
         raise ValueError(f'size ({size[0]} x {size[1]}) must be at least 8 x 8')
+    num_train = default_train if args.num_train is None else args.num_train
+    num_val = default_val if args.num_val is None else args.num_val
+    if num_train < 0 or num_val < 0:
+        raise ValueError(f'num_train ({num_train}) and num_val ({num_val}) must be >= 0')
     if args.dataset == 'ade20k':
-        counts = make_ade20k(args.out, 400 if args.num_train is None else args.num_train,
-                             40 if args.num_val is None else args.num_val, size, args.seed)
+        counts = make_ade20k(args.out, num_train, num_val, size, args.seed)
+    elif args.dataset == 'cityscapes':
+        counts = make_cityscapes(args.out, num_train, num_val, size, args.seed)
     else:
-        counts = make_imagenet(args.out, args.num_classes,
-                               20 if args.num_train is None else args.num_train,
-                               5 if args.num_val is None else args.num_val, size, args.seed)
+        counts = make_imagenet(args.out, args.num_classes, num_train, num_val, size, args.seed)
     print(f'[make_mini_dataset] {args.dataset} -> {args.out}: {counts} images of size '
           f'{size[0]}x{size[1]}')
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as err:  # a user's mistake: one line, exit status 1
+        sys.exit(f'make_mini_dataset.py: error: {err}')

@@ -41,14 +41,25 @@ def resolve_head_dims(embed_dims: int, num_heads: int, head_dims: Optional[int],
 
 
 def to_grid(value: GridLike, name: str, owner: str) -> Tuple[int, int]:
-    """Turn ``m`` (a perfect square) or ``(s_h, s_w)`` into a grid ``(s_h, s_w)``."""
+    """Turn ``m`` (a perfect square) or ``(s_h, s_w)`` into a grid ``(s_h, s_w)``.
+
+    Every entry must be a positive ``int``: floats are refused even when integral
+    (``8.0``), and so are bools, as for every other size parameter
+    (:func:`check_positive`); nothing is rounded or truncated silently.
+
+    Raises:
+        ValueError: naming ``name``, for a non-integer, non-positive or non-square
+            ``m``, or a pair of the wrong length / with such an entry.
+    """
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
             raise ValueError(f'{owner}: {name} must be an int or a (rows, cols) pair, '
                              f'got {value!r}')
-        grid = (check_positive(int(value[0]), name, owner),
-                check_positive(int(value[1]), name, owner))
-        return grid
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f'{owner}: {name} must be a positive integer or a pair of '
+                                 f'positive integers (rows, cols), got {value!r}')
+        return int(value[0]), int(value[1])
     check_positive(value, name, owner)
     side = math.isqrt(value)
     if side * side != value:
@@ -69,11 +80,18 @@ def merge_heads(t: Tensor) -> Tensor:
     return t.transpose(1, 2).reshape(b, n, h * p)
 
 
-def check_input_width(x: Tensor, embed_dims: int, owner: str) -> None:
-    """Raise ``ValueError`` naming ``embed_dims`` unless ``x`` is ``(B, N, embed_dims)``."""
-    if x.dim() != 3 or x.shape[-1] != embed_dims:
-        raise ValueError(f'{owner}: expected tokens of shape (B, N, embed_dims={embed_dims}), '
-                         f'got an input of shape {tuple(x.shape)}')
+def check_input_width(x: Tensor, embed_dims: int, owner: str,
+                      token_layout: bool = True) -> None:
+    """Raise ``ValueError`` naming ``embed_dims`` unless ``x`` has that many channels.
+
+    ``token_layout=True``: ``x`` must be ``(B, N, embed_dims)``; ``False``: any
+    ``(..., embed_dims)`` (feed-forward parts). A shape comparison only, so it costs
+    nothing and traces under ``torch.compile`` without a graph break.
+    """
+    if (token_layout and x.dim() != 3) or x.dim() < 1 or x.shape[-1] != embed_dims:
+        layout = '(B, N, embed_dims' if token_layout else '(..., embed_dims'
+        raise ValueError(f'{owner}: expected an input of shape {layout}={embed_dims}), '
+                         f'got {tuple(x.shape)}')
 
 
 _WARNED: Set[str] = set()

@@ -25,7 +25,8 @@ from mmengine.model import BaseModule
 from torch import Tensor
 
 from mmcbsa.registry import register_model
-from .base import GridLike, check_hw_shape, resolve_head_dims, to_grid
+from .base import (GridLike, check_hw_shape, check_input_width, resolve_head_dims, to_grid,
+                   warn_once)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -299,13 +300,30 @@ class CBSA(BaseModule):
         h, w = check_hw_shape(x, hw_shape, 'CBSA')
         return _GridPool(n - h * w, (h, w), self.rep_grid)
 
+    def _warn_if_superlinear(self, h: int, w: int) -> None:
+        """Warn once per (m, h, w) when there are more representatives than patch
+        tokens: ``m > h·w`` still computes, but the ``m²`` contraction then dominates
+        and the cost is no longer linear in the number of tokens (docs/mechanisms.md §1)."""
+        m = self.num_reps
+        if m > h * w:
+            s_h, s_w = self.rep_grid
+            warn_once(f'CBSA-num_reps-{s_h}x{s_w}-{h}x{w}',
+                      f'CBSA: {m} representatives (num_reps grid {s_h}x{s_w}) for only '
+                      f'{h * w} patch tokens ({h}x{w} grid): more representatives than '
+                      f'patches, so the cost is no longer linear in the tokens; use '
+                      f'num_reps <= {h * w} or larger inputs')
+
     def forward(self, x: Tensor, hw_shape: Optional[Sequence[int]] = None) -> Tensor:
+        check_input_width(x, self.embed_dims, 'CBSA')
         b, n, _ = x.shape
         heads, p = self.num_heads, self.head_dims
         dtype = _compute_dtype(x)
         pool, r0_t = None, None
         if self.rep_mode == 'pool':
             pool = self._pooler(x, hw_shape)
+            self._warn_if_superlinear(pool.h, pool.w)
+        elif hw_shape is not None:
+            self._warn_if_superlinear(*check_hw_shape(x, hw_shape, 'CBSA'))
         # Hand-written backward when training eagerly; the same math as plain ops when
         # tracing / scripting (FLOP counters, export) or without autograd.
         fused = (torch.is_grad_enabled() and not torch.jit.is_tracing()

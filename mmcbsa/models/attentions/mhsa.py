@@ -8,7 +8,7 @@ from mmengine.model import BaseModule
 from torch import Tensor
 
 from mmcbsa.registry import register_model
-from .base import merge_heads, resolve_head_dims
+from .base import check_input_width, merge_heads, resolve_head_dims
 
 
 @register_model()
@@ -37,6 +37,7 @@ class MHSA(BaseModule):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: Tensor, hw_shape: Optional[Sequence[int]] = None) -> Tensor:
+        check_input_width(x, self.embed_dims, 'MHSA')
         b, n, _ = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dims).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(

@@ -9,7 +9,7 @@ from mmengine.model import BaseModule
 from torch import Tensor
 
 from mmcbsa.registry import register_model
-from .base import merge_heads, resolve_head_dims, split_heads
+from .base import check_input_width, merge_heads, resolve_head_dims, split_heads
 
 
 @register_model()
@@ -57,6 +57,9 @@ class MSSA(BaseModule):
 
     def forward(self, x: Tensor, hw_shape: Optional[Sequence[int]] = None,
                 context: Optional[Tensor] = None) -> Tensor:
+        check_input_width(x, self.embed_dims, 'MSSA')
+        if context is not None:
+            check_input_width(context, self.embed_dims, 'MSSA (context)')
         w = split_heads(self.in_proj(x), self.num_heads)  # (B, H, N, p)
         kv = w if context is None else split_heads(self.in_proj(context), self.num_heads)
         drop = self.attn_drop if self.training else 0.

@@ -15,7 +15,7 @@ from mmengine.model import BaseModule
 from torch import Tensor
 
 from mmcbsa.registry import register_model
-from .base import check_positive, merge_heads, resolve_head_dims
+from .base import check_input_width, check_positive, merge_heads, resolve_head_dims
 
 
 def sample_positions(num_tokens: int, num_samples: int, device=None) -> Tensor:
@@ -112,6 +112,7 @@ class PrimalAttention(BaseModule):
 
     def forward(self, x: Tensor, hw_shape: Optional[Sequence[int]] = None) -> Tensor:
         """``x (B, N, C)`` -> ``(B, N, C)``; stores ``self.ksvd_loss``."""
+        check_input_width(x, self.embed_dims, 'PrimalAttention')
         b, n, c = x.shape
         heads, p = self.num_heads, self.head_dims
         qk = self.qk(x).view(b, n, 2, heads, p).permute(2, 0, 3, 1, 4)  # (2, B, H, N, p)

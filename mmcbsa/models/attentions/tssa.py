@@ -7,7 +7,7 @@ from mmengine.model import BaseModule
 from torch import Tensor
 
 from mmcbsa.registry import register_model
-from .base import resolve_head_dims
+from .base import check_input_width, resolve_head_dims
 
 
 @register_model()
@@ -44,6 +44,7 @@ class TSSA(BaseModule):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: Tensor, hw_shape: Optional[Sequence[int]] = None) -> Tensor:
+        check_input_width(x, self.embed_dims, 'TSSA')
         # Token-major (B, N, H, p) throughout: every elementwise op is contiguous, and
         # the two per-head reductions over channels / tokens are tiny GEMMs.
         b, n, _ = x.shape

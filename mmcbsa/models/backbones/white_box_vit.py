@@ -117,8 +117,19 @@ class WhiteBoxViT(BaseModule):
         norm_cfg: override of the block/final norm config (default LN with the arch's
             ``norm_eps``).
 
-    Inputs of any size: sides that are not multiples of ``P`` are zero-padded at the
-    bottom/right (like mmseg's ``VisionTransformer``), giving a ``⌈H/P⌉ × ⌈W/P⌉`` grid.
+    Inputs of any size from one patch up: sides that are not multiples of ``P`` are
+    zero-padded at the bottom/right (like mmseg's ``VisionTransformer``), giving a
+    ``⌈H/P⌉ × ⌈W/P⌉`` grid. The first forward of an input that cannot work raises a
+    ``ValueError`` naming its size and the minimum:
+
+    - a side smaller than one patch (``H < P`` or ``W < P``): the patch would be
+      mostly padding;
+    - with BatchNorm in training mode in the stem (the conv stem's default): its last
+      BatchNorm sees ``B·⌈H/P⌉·⌈W/P⌉`` values per channel and needs at least two, so a
+      single image of one patch (``P×P``) is refused — use a batch of two or an image
+      of at least ``P×2P``. The earlier BatchNorms see more values, and the conv stem's
+      receptive field (``2^{k+1} − 1`` pixels for ``k`` convs, 31 for ``P = 16``) is
+      not a further bound: every stride-2 conv gets an even-sized, zero-padded input.
 
     Shapes: ``(B, in_channels, H, W)`` -> tuple of the outputs at ``out_indices``.
     """
@@ -337,8 +348,24 @@ class WhiteBoxViT(BaseModule):
                                             self.interpolate_mode, extra)
 
     # forward ------------------------------------------------------------------
+    def _check_input_size(self, x: Tensor) -> None:
+        """Named errors for inputs the stem cannot embed (see the class docstring)."""
+        b, (h, w), p = x.shape[0], x.shape[-2:], self.patch_size
+        if h < p or w < p:
+            raise ValueError(f'WhiteBoxViT: an input of {h}x{w} pixels is smaller than one '
+                             f'{p}x{p} patch (patch_size={p}); the minimum input size is '
+                             f'{p}x{p}')
+        cells = -(-h // p) * -(-w // p)  # ⌈H/P⌉·⌈W/P⌉
+        if b * cells < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                                 for m in self.patch_embed.modules()):
+            raise ValueError(f'WhiteBoxViT: a batch of {b} image of {h}x{w} pixels is a '
+                             f'single {p}x{p} patch, but the stem\'s BatchNorm in training '
+                             f'mode needs more than one value per channel; use a batch of '
+                             f'at least 2 or an input of at least {p}x{2 * p} pixels')
+
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """``(B, C_in, H, W)`` -> tuple over ``out_indices`` (see ``out_type``)."""
+        self._check_input_size(x)
         b = x.shape[0]
         x, hw_shape = self.patch_embed(x)  # (B, h*w, C)
         if self.cls_token is not None:

@@ -46,7 +46,11 @@ class CBTHead(ClassMaskHead):
         in_channels: channels of the selected feature map(s) (a list with
             ``input_transform='resize_concat'``; their sum is projected).
         channels: decoder width ``d``.
-        num_classes: number of classes ``n_cls``.
+        num_classes: number of classes ``n_cls``. Binary segmentation:
+            ``num_classes=1`` (or ``2`` with ``out_channels=1``) and
+            ``loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=True)`` — one
+            foreground embedding read out as ``s · cos + b`` instead of the class-axis
+            LayerNorm, which is constant for one class (:class:`ClassMaskHead`).
         num_layers: CBSA layers ``L``.
         num_heads: heads ``H``.
         head_dims: head width ``p`` (independent of ``channels``).

@@ -20,7 +20,7 @@ from mmseg.models.decode_heads.decode_head import BaseDecodeHead
 from torch import Tensor
 
 from mmcbsa.registry import build_model
-from ..attentions.base import check_positive
+from ..attentions.base import check_positive, warn_once
 
 
 class PreNormAttnLayer(BaseModule):
@@ -58,13 +58,28 @@ class ClassMaskHead(BaseDecodeHead):
 
     Feature map(s) -> patch tokens ``x (B, hw, d)`` (``d = channels``; a
     ``Linear(C_in→d)`` when ``C_in != d``, identity otherwise), class embeddings
-    ``c (B, n_cls, d)`` (trunc-normal, std ``init_std``). A subclass implements
-    :meth:`decode` (tokens -> normalised patches and classes); this class turns the
-    result into masks:
+    ``c (B, K, d)`` (``K = out_channels``; trunc-normal, std ``init_std``). A subclass
+    implements :meth:`decode` (tokens -> normalised patches and classes); this class
+    turns the result into masks at the feature grid, ``(B, K, h, w)``;
+    :class:`BaseDecodeHead` upsamples them to the image in ``loss_by_feat`` /
+    ``predict_by_feat``:
 
-    ``masks = LN_cls(normalize(patches) · normalize(c)ᵀ)`` ``(B, n_cls, h, w)``
-    (SPEC §3), at the feature grid; :class:`BaseDecodeHead` upsamples them to the
-    image in ``loss_by_feat`` / ``predict_by_feat``.
+    - ``K = num_classes >= 2`` (docs/mechanisms.md §3):
+      ``masks = LN_cls(normalize(patches) · normalize(c)ᵀ)``, a LayerNorm with learned
+      affine over the class axis, trained with the softmax cross-entropy;
+    - binary mode, mmseg's ``out_channels=1`` (``num_classes=1``, or ``num_classes=2``
+      with ``out_channels=1``): one foreground embedding and
+      ``logit = s · cos(patch, c_fg) + b`` with a learned scalar scale ``s`` and bias
+      ``b`` (init 4 and 0: a fully (anti-)aligned patch can reach
+      ``sigmoid(±4) ≈ 0.98 / 0.02``, while the small cosines at init keep the first
+      logits mild), trained with the sigmoid binary cross-entropy
+      (``loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=True)``); mmseg turns
+      ``sigmoid(logit) > threshold`` into the prediction. A LayerNorm over a class axis
+      of length one always returns its bias — the masks would be constant and no
+      gradient would reach the decoder or the encoder — so the affine takes its place.
+      (With two classes, ``LN_cls`` of two scores is ``±1`` up to its ``eps``: only the
+      sign of their difference survives, which is why mmseg's binary convention,
+      ``out_channels=1``, is the one to use.)
 
     Several backbone levels: ``in_index=[...]`` with ``input_transform='resize_concat'``
     (all levels resized to the first selected one, concatenated, then projected).
@@ -73,14 +88,21 @@ class ClassMaskHead(BaseDecodeHead):
         in_channels: channels of the selected feature map (a list with
             ``input_transform='resize_concat'``; their sum is projected).
         channels: decoder width ``d``.
-        num_classes: number of classes ``n_cls`` (one embedding and one mask each).
+        num_classes: number of classes ``n_cls`` (one embedding and one mask each;
+            ``1`` is mmseg's binary mode, see above).
         dropout_ratio: passed on to the subclass' attention (no feature dropout is
             applied before the masks); in ``[0, 1)``.
         norm_cfg: norm of the layers, the final norm(s) and the mask norm.
         init_std: std of the truncated-normal class embeddings (and of the input
             projection, when there is one).
         kwargs: the rest of :class:`BaseDecodeHead`'s arguments (``in_index``,
-            ``input_transform``, ``loss_decode``, ``align_corners``, ...).
+            ``input_transform``, ``loss_decode``, ``align_corners``, ``out_channels``
+            (``None``, ``num_classes`` or ``1``), ``threshold`` (binary mode), ...).
+
+    Raises:
+        ValueError: naming the parameter for sizes that cannot work, ``out_channels``
+            other than ``num_classes`` or 1 (1 with ``num_classes`` 1 or 2 only), or a
+            binary head trained with the softmax cross-entropy (constant for one channel).
     """
 
     def __init__(self,
@@ -99,10 +121,24 @@ class ClassMaskHead(BaseDecodeHead):
         if not 0. <= float(dropout_ratio) < 1.:
             raise ValueError(f'{owner}: dropout_ratio must be in [0, 1), got {dropout_ratio!r}')
         out_channels = kwargs.get('out_channels')
-        if out_channels is not None and out_channels != num_classes:
-            raise ValueError(f'{owner}: out_channels ({out_channels}) must equal num_classes '
-                             f'({num_classes}); the head predicts one mask per class '
-                             '(no single-channel threshold mode)')
+        if out_channels is None:  # mmseg's rule: out_channels defaults to num_classes
+            out_channels = num_classes
+        if out_channels not in (1, num_classes):
+            raise ValueError(f'{owner}: out_channels ({out_channels!r}) must be num_classes '
+                             f'({num_classes}), or 1 for a binary head (one foreground logit '
+                             'thresholded by `threshold`)')
+        if out_channels == 1 and num_classes > 2:
+            raise ValueError(f'{owner}: out_channels=1 is the binary mode (background / '
+                             f'foreground), so num_classes must be 1 or 2, got {num_classes}')
+        if out_channels == 1:
+            check_binary_loss(owner, num_classes, kwargs.get('loss_decode'))
+        elif num_classes == 2:
+            warn_once(f'{owner}-two-classes',
+                      f'{owner}: num_classes=2 with the class-axis LayerNorm keeps only the '
+                      'sign of the difference of the two class scores (LN of two values is '
+                      '±1 up to eps), which starves the gradients; for binary segmentation '
+                      "use out_channels=1 with loss_decode=dict(type='CrossEntropyLoss', "
+                      'use_sigmoid=True)')
         check_head_inputs(owner, in_channels, kwargs.get('in_index', -1),
                           kwargs.get('input_transform'))
 
@@ -116,8 +152,13 @@ class ClassMaskHead(BaseDecodeHead):
         self.init_std = init_std
         self.input_proj = (nn.Identity() if self.in_channels == channels else
                            nn.Linear(self.in_channels, channels))
-        self.cls_emb = nn.Parameter(torch.zeros(1, num_classes, channels))
-        self.mask_norm = build_norm_layer(norm_cfg, num_classes)[1]
+        self.binary = self.out_channels == 1
+        self.cls_emb = nn.Parameter(torch.zeros(1, self.out_channels, channels))
+        if self.binary:  # logit = s · cos + b (a class-axis LN of one value is constant)
+            self.mask_scale = nn.Parameter(torch.full((1, ), 4.0))
+            self.mask_bias = nn.Parameter(torch.zeros(1))
+        else:
+            self.mask_norm = build_norm_layer(norm_cfg, num_classes)[1]
         self._init_class_params()
 
     def _init_class_params(self) -> None:
@@ -133,23 +174,45 @@ class ClassMaskHead(BaseDecodeHead):
         raise NotImplementedError
 
     def forward(self, inputs: Union[Tuple[Tensor], List[Tensor]]) -> Tensor:
-        """Multi-level features -> masks ``(B, n_cls, h, w)`` at the feature grid."""
+        """Multi-level features -> masks ``(B, K, h, w)`` at the feature grid."""
         x = self._transform_inputs(inputs)  # (B, C_in, h, w)
         b, _, h, w = x.shape
         x = self.input_proj(x.flatten(2).transpose(1, 2))  # (B, hw, d)
-        c = self.cls_emb.expand(b, -1, -1)  # (B, n_cls, d)
+        c = self.cls_emb.expand(b, -1, -1)  # (B, K, d)
         patches, c = self.decode(x, c, (h, w))
         return self.masks(patches, c, (h, w))
 
     def masks(self, patches: Tensor, c: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
-        """SPEC §3 masks: cosine similarity of patches and classes, LN over classes.
+        """Masks (docs/mechanisms.md §3): cosine similarity of patches and classes, LN
+        over classes (binary mode: the learned affine ``s · cos + b`` instead of the LN).
 
-        ``patches (B, hw, d)``, ``c (B, n_cls, d)`` -> ``(B, n_cls, h, w)``.
+        ``patches (B, hw, d)``, ``c (B, K, d)`` -> ``(B, K, h, w)``.
         """
-        b, n_cls = c.shape[:2]
+        b, k = c.shape[:2]
         masks = F.normalize(patches, dim=-1) @ F.normalize(c, dim=-1).transpose(1, 2)
-        masks = self.mask_norm(masks)  # (B, hw, n_cls)
-        return masks.transpose(1, 2).reshape(b, n_cls, *hw_shape)
+        if self.binary:
+            masks = masks * self.mask_scale + self.mask_bias  # (B, hw, 1)
+        else:
+            masks = self.mask_norm(masks)  # (B, hw, n_cls)
+        return masks.transpose(1, 2).reshape(b, k, *hw_shape)
+
+
+def check_binary_loss(owner: str, num_classes: int, loss_decode) -> None:
+    """A binary head (``out_channels=1``) needs a sigmoid loss: refuse mmseg's
+    softmax ``CrossEntropyLoss`` (its default ``use_sigmoid=False``), which over one
+    channel is a constant — the head would train nothing."""
+    losses = loss_decode if isinstance(loss_decode, (list, tuple)) else [loss_decode]
+    for loss in losses:
+        if loss is None:  # BaseDecodeHead's default: softmax cross-entropy
+            loss = dict(type='CrossEntropyLoss')
+        if str(loss.get('type', '')).split('.')[-1] == 'CrossEntropyLoss' \
+                and not loss.get('use_sigmoid', False):
+            raise ValueError(
+                f'{owner}: num_classes={num_classes} with out_channels=1 is the binary mode '
+                '(one foreground logit per pixel, sigmoid > threshold); train it with '
+                "loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=True) — the softmax "
+                'cross-entropy (use_sigmoid=False) of one channel is constant. Labels: '
+                '0 = background, 1 = foreground, 255 = ignored')
 
 
 def check_head_inputs(owner: str, in_channels, in_index, input_transform) -> None:

@@ -77,7 +77,11 @@ class DEPICTHead(ClassMaskHead):
         in_channels: channels of the selected feature map(s) (a list with
             ``input_transform='resize_concat'``; their sum is projected).
         channels: decoder width ``d`` (``d_model``).
-        num_classes: number of classes ``n_cls`` (one embedding each).
+        num_classes: number of classes ``n_cls`` (one embedding each). Binary
+            segmentation: ``num_classes=1`` (or ``2`` with ``out_channels=1``) and
+            ``loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=True)`` — one
+            foreground embedding read out as ``s · cos + b`` instead of the class-axis
+            LayerNorm, which is constant for one class (:class:`ClassMaskHead`).
         mode: ``'sa'`` or ``'ca'``.
         num_layers: self-attention layers ``L`` over the patches (and classes in SA).
         num_heads: heads ``H`` of those layers.

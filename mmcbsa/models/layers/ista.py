@@ -9,6 +9,7 @@ from mmengine.model import BaseModule
 from torch import Tensor
 
 from mmcbsa.registry import register_model
+from ..attentions.base import check_input_width
 
 
 @register_model()
@@ -38,6 +39,7 @@ class ISTA(BaseModule):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input_width(x, self.embed_dims, 'ISTA', token_layout=False)
         d = self.weight
         # u D − u Dᵀ D = (u − u Dᵀ) D: two d×d products per token instead of three.
         grad = F.linear(x - F.linear(x, d), d.t())

@@ -1,0 +1,114 @@
+"""Cityscapes and Pascal Context configs (docs/mechanisms.md §10) and the mini Cityscapes.
+
+- every ``*_cityscapes-768x768`` / ``*_pascal-context-59-480x480`` config is its ADE20K
+  counterpart (same encoder, pretrained weights and decode head) with mmseg's dataset
+  base, 80k schedule, the dataset's classes, crop, slide window and batch;
+- the mini Cityscapes config trains a few iterations through tools/train.py (mmengine
+  Runner, mmseg's CityscapesDataset, pipeline, slide inference and IoUMetric).
+"""
+import functools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / 'configs'
+ADE20K = '8xb1-160k_ade20k-512x512'
+DATASETS = {
+    # name suffix -> (dataset class, classes, crop, slide stride, batch per GPU, lr)
+    '8xb1-80k_cityscapes-768x768': ('CityscapesDataset', 19, 768, 512, 1, 0.01),
+    '8xb2-80k_pascal-context-59-480x480': ('PascalContextDataset59', 59, 480, 320, 2, 1e-3),
+}
+HEADS = ('depict/depict-sa', 'depict/depict-ca', 'cbt/cbt-head')
+
+
+@functools.lru_cache(maxsize=None)
+def _load(rel: str) -> Config:
+    return Config.fromfile(str(CONFIGS / rel))
+
+
+def _benchmark_configs():
+    return [pytest.param(f'{head}_vit-{enc}_mask_{suffix}.py', suffix,
+                         id=f'{head}_vit-{enc}_{suffix.split("_")[1]}')
+            for head in HEADS for enc in ('s', 'b') for suffix in DATASETS]
+
+
+def _without(d: dict, *keys) -> dict:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+@pytest.mark.parametrize('rel, suffix', _benchmark_configs())
+def test_benchmark_config_is_the_ade20k_config_on_new_data(rel, suffix):
+    dataset, classes, crop, stride, batch, lr = DATASETS[suffix]
+    assert (CONFIGS / rel).is_file(), rel
+    cfg, ade = _load(rel), _load(rel.replace(suffix, ADE20K))
+    model, ade_model = cfg.model, ade.model
+    # encoder and pretrained weights as in the ADE20K config; the grid follows the crop
+    assert model.pretrained == ade_model.pretrained
+    assert _without(model.backbone, 'img_size') == _without(ade_model.backbone, 'img_size')
+    assert tuple(model.backbone.img_size) == (crop, crop)
+    assert _without(model.data_preprocessor, 'size') == \
+        _without(ade_model.data_preprocessor, 'size')
+    assert tuple(model.data_preprocessor.size) == (crop, crop)
+    # the same decode head, with the dataset's classes
+    assert _without(model.decode_head, 'num_classes') == \
+        _without(ade_model.decode_head, 'num_classes')
+    assert model.decode_head.num_classes == classes
+    assert model.test_cfg == dict(mode='slide', crop_size=(crop, crop), stride=(stride, stride))
+    # mmseg's dataset base and 80k schedule, the dataset's batch and the Segmenter lr
+    assert cfg.train_dataloader.dataset.type == dataset == cfg.val_dataloader.dataset.type
+    crops = [t.crop_size for t in cfg.train_dataloader.dataset.pipeline
+             if t.type == 'RandomCrop']
+    assert crops == [(crop, crop)]
+    assert cfg.train_dataloader.batch_size == batch and cfg.val_dataloader.batch_size == 1
+    assert cfg.train_cfg.max_iters == 80000 and cfg.param_scheduler[0].end == 80000
+    assert cfg.optimizer.type == 'SGD' and cfg.optimizer.lr == lr
+    assert cfg.optimizer.weight_decay == 0.0
+    assert cfg.val_evaluator.type == 'IoUMetric' and cfg.default_scope == 'mmseg'
+
+
+def test_mini_cityscapes_trains_with_train_tool(tmp_path):
+    """A few iterations of the mini Cityscapes DEPICT-CA config through tools/train.py on
+    a freshly generated 128x256 mini Cityscapes, then a slide-window validation."""
+    data, work = tmp_path / 'mini_cityscapes', tmp_path / 'work'
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
+               PYTHONWARNINGS='ignore::UserWarning,ignore::DeprecationWarning',
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    subprocess.run([sys.executable, str(REPO / 'tools/misc/make_mini_dataset.py'),
+                    '--dataset', 'cityscapes', '--out', str(data), '--num-train', '4',
+                    '--num-val', '2'], check=True, cwd=REPO, env=env,
+                   stdout=subprocess.DEVNULL)
+    iters = 3
+    options = [f'{split}_dataloader.{key}' for split in ('train', 'val', 'test')
+               for key in (f'dataset.data_root={data}', 'num_workers=0',
+                           'persistent_workers=False')]
+    options += ['train_dataloader.batch_size=2', f'train_cfg.max_iters={iters}',
+                f'train_cfg.val_interval={iters}', 'default_hooks.logger.interval=1']
+    config = CONFIGS / 'depict/depict-ca_vit-tiny-p8_1xb8-300it_mini-cityscapes-96x96.py'
+    proc = subprocess.run([sys.executable, str(REPO / 'tools/train.py'), str(config),
+                           '--work-dir', str(work), '--cfg-options', *options],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    scalars = sorted(work.glob('*/vis_data/scalars.json'))
+    assert scalars, 'no scalars.json written by the visualizer backend'
+    records = [json.loads(line) for line in scalars[-1].read_text().splitlines()]
+    losses = [r['loss'] for r in records if 'loss' in r]
+    assert len(losses) == iters and all(math.isfinite(v) for v in losses)
+    miou = [r['mIoU'] for r in records if 'mIoU' in r]
+    assert len(miou) == 1 and 0.0 <= miou[0] <= 100.0
+    log = ''.join(p.read_text() for p in work.glob('*/*.log'))
+    assert re.search(rf'Iter\(train\) \[{iters}/{iters}\]', log)
+    assert re.search(r'Iter\(val\) \[2/2\]', log)  # both validation images
+    ckpt = torch.load(work / f'iter_{iters}.pth', map_location='cpu', weights_only=True)
+    sd = ckpt['state_dict']
+    assert sd['decode_head.cls_emb'].shape == (1, 19, 96)  # the 19 Cityscapes classes
+    assert 'decode_head.cross_layers.0.attn.in_proj.weight' in sd  # DEPICT-CA
+    assert ckpt['meta']['dataset_meta']['classes'][0] == 'road'
