@@ -129,7 +129,8 @@ def _dense_core(q_t: Tensor, k_t: Tensor, v_t: Tensor, r_t: Tensor, rk: Optional
         ``(G, N, [M +] k')``, the agent attention ``A (G, M, N)`` and agent values
         ``(G, p, M)`` (``None`` in routed mode).
     """
-    logits = torch.bmm(q_t.transpose(1, 2), k_t).gather(2, idx) * scale  # (G, N, k')
+    dots = torch.bmm(q_t.transpose(1, 2), k_t)  # (G, N, N)
+    logits = dots.gather(2, idx) * scale  # (G, N, k')
     attn = agent_v_t = None
     if routed:
         wts = _softmax(logits)
@@ -140,8 +141,9 @@ def _dense_core(q_t: Tensor, k_t: Tensor, v_t: Tensor, r_t: Tensor, rk: Optional
         agent_v_t = torch.bmm(v_t, attn.transpose(1, 2))  # (G, p, M)
         wts = _softmax(torch.cat((qr * (1.0 / r_t.shape[1]), logits), dim=2))
         w_routed = wts[..., m:]
-    n = q_t.shape[2]
-    probs = w_routed.new_zeros(q_t.shape[0], n, n).scatter_(2, idx, w_routed)
+    # without autograd the (G, N, N) buffer of the products is reused (fewer page faults)
+    probs = dots.detach().zero_() if not torch.is_grad_enabled() else torch.zeros_like(dots)
+    probs = probs.to(w_routed.dtype).scatter_(2, idx, w_routed)
     out_t = torch.bmm(v_t, probs.transpose(1, 2))
     if not routed:
         out_t = out_t.baddbmm_(agent_v_t, wts[..., :m].transpose(1, 2))
@@ -174,11 +176,12 @@ class _DenseMiTA(torch.autograd.Function):
         g, p, n = q_t.shape
         m = 0 if routed else r_t.shape[2]
         grad_out = grad_out.contiguous()
-        w_routed = wts[..., m:]
-        probs = w_routed.new_zeros(g, n, n).scatter_(2, idx, w_routed)
-        # out_t = v_t probsᵀ (+ agent_v_t w_aᵀ)
+        # out_t = v_t probsᵀ (+ agent_v_t w_aᵀ); one (G, N, N) buffer serves as ∂probs,
+        # probs and ∂(q_tᵀ k_t) in turn (they share the sparsity pattern idx)
+        buf = torch.bmm(grad_out.transpose(1, 2), v_t)  # ∂probs
+        grad_w = buf.gather(2, idx)  # (G, N, k')
+        probs = buf.zero_().scatter_(2, idx, wts[..., m:])
         grad_v = torch.bmm(grad_out, probs)  # (G, p, N)
-        grad_w = torch.bmm(grad_out.transpose(1, 2), v_t).gather(2, idx)  # (G, N, k')
         if not routed:
             grad_wa = torch.bmm(grad_out.transpose(1, 2), agent_v_t)  # (G, N, M)
             grad_agent_v = torch.bmm(grad_out, wts[..., :m])  # (G, p, M)
@@ -270,13 +273,14 @@ class _MoveRows(torch.autograd.Function):
         return grad_src, None, None, None
 
 
-def _grouped_core(q_t: Tensor, k_t: Tensor, v_t: Tensor, r_t: Tensor, key_idx: Tensor,
-                  expert: Tensor, routed: bool, scale: float, block: int,
+def _grouped_core(q_t: Tensor, k_t: Tensor, v_t: Tensor, r_t: Tensor, rk: Optional[Tensor],
+                  key_idx: Tensor, expert: Tensor, routed: bool, scale: float, block: int,
                   max_blocks: int) -> Tensor:
     """Same result as :func:`_dense_core`, queries grouped by expert (plain autograd).
 
     Args:
         q_t, k_t, v_t: ``(G, p, N)``; r_t: landmarks ``(G, p, M)``.
+        rk: raw ``r kᵀ (G, M, N)`` (mixture only).
         key_idx: ``(G, M, k')``; expert: ``(G, N)``.
         routed, scale: as in :func:`_dense_core`.
         block, max_blocks: queries per block, blocks per SDPA call.
@@ -296,7 +300,7 @@ def _grouped_core(q_t: Tensor, k_t: Tensor, v_t: Tensor, r_t: Tensor, key_idx: T
     values = v_rows.index_select(0, key_rows).view(g, m, topk, p)
     if not routed:
         r = r_t.transpose(1, 2)  # (G, M, p)
-        attn = _softmax(torch.bmm(r, k_t) * scale)  # §5.3 shared expert
+        attn = _softmax(rk * scale)  # §5.3 shared expert
         agent_v = torch.bmm(attn, v_rows.view(g, n, p))  # (G, M, p)
         keys = torch.cat(((r * (1.0 / p)).unsqueeze(1).expand(g, m, m, p), keys), dim=2)
         values = torch.cat((agent_v.unsqueeze(1).expand(g, m, m, p), values), dim=2)
@@ -521,10 +525,11 @@ class MiTA(BaseModule):
                                         and (plain or not dense)):
                 r_t = pool(q_t)
             rk = qr = None
-            if not routed and dense:
-                with torch.set_grad_enabled(plain and torch.is_grad_enabled()):
+            if not routed:  # the products the attention needs, reused by the routing
+                with torch.set_grad_enabled(torch.is_grad_enabled() and (plain or not dense)):
                     rk = torch.bmm(r_t.transpose(1, 2), k_t)  # (G, M, N)
-                    qr = torch.bmm(q_t.transpose(1, 2), r_t)  # (G, N, M)
+                    if dense:
+                        qr = torch.bmm(q_t.transpose(1, 2), r_t)  # (G, N, M)
             acc = torch.promote_types(x_in.dtype, torch.float32)
             if dtype != acc:
                 # §5b: reduced-precision attention routes on a float32 projection of the
@@ -545,7 +550,7 @@ class MiTA(BaseModule):
                                              routed, scale,
                                              (start, ph, pw) + self.landmark_grid)
             else:
-                out_t = _grouped_core(q_t, k_t, v_t, r_t, key_idx, expert, routed, scale,
+                out_t = _grouped_core(q_t, k_t, v_t, r_t, rk, key_idx, expert, routed, scale,
                                       self.query_block_size, self.max_blocks_per_call)
             out_t = out_t.reshape(b, c, n)  # heads concatenated, channels first
             if self.dwc is not None:
