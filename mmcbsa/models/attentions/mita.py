@@ -173,7 +173,7 @@ class _DenseMiTA(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         q_t, k_t, v_t, r_t, idx, wts, attn, agent_v_t = ctx.saved_tensors
         routed, scale = ctx.routed, ctx.scale
-        g, p, n = q_t.shape
+        p = q_t.shape[1]
         m = 0 if routed else r_t.shape[2]
         grad_out = grad_out.contiguous()
         # out_t = v_t probsᵀ (+ agent_v_t w_aᵀ); one (G, N, N) buffer serves as ∂probs,
@@ -290,7 +290,10 @@ def _grouped_core(q_t: Tensor, k_t: Tensor, v_t: Tensor, r_t: Tensor, rk: Option
     """
     g, p, n = q_t.shape
     m, topk = r_t.shape[2], key_idx.shape[2]
-    rows = lambda t: t.transpose(1, 2).reshape(g * n, p)  # noqa: E731  (G·N, p) token rows
+
+    def rows(t: Tensor) -> Tensor:  # (G, p, N) -> (G·N, p) token rows
+        return t.transpose(1, 2).reshape(g * n, p)
+
     k_rows, v_rows = rows(k_t), rows(v_t)
     with torch.no_grad():
         key_rows = (key_idx + torch.arange(g, device=q_t.device).view(g, 1, 1) * n).view(-1)
