@@ -208,6 +208,7 @@ class _DenseMiTA(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- grouped path
+@torch.compiler.disable  # data-dependent output sizes: run eagerly under torch.compile
 def _expert_blocks(expert: Tensor, num_experts: int,
                    block: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Group queries by expert into blocks of ``block`` slots.
@@ -237,7 +238,7 @@ def _expert_blocks(expert: Tensor, num_experts: int,
     rank = torch.arange(g * n, device=dev) - seg_start[f_sorted]  # position inside the expert
     slot = (blk_start[f_sorted] + torch.div(rank, block, rounding_mode='floor')) * block \
         + rank % block
-    num_blocks = int(nblk.sum())  # data-dependent: a graph break under torch.compile
+    num_blocks = int(nblk.sum())  # data-dependent
     slot_query = torch.zeros(num_blocks * block, dtype=torch.long, device=dev)
     slot_query[slot] = order
     slot_valid = torch.zeros(num_blocks * block, dtype=torch.bool, device=dev)
@@ -376,11 +377,13 @@ class MiTA(BaseModule):
     grouped one (3.5× before the dense path existed); at ``N = 4097``, batch 1, the
     grouped path takes 0.21× ``MHSA``.
 
-    ``torch.compile``: the dense path has no data-dependent shapes and compiles
-    into one graph (the hand-written backward included); the grouped path breaks
-    the graph once, where the number of expert blocks is read back
-    (``int(nblk.sum())`` in :func:`_expert_blocks`), and runs the rest in
-    compiled pieces.
+    ``torch.compile``: the dense path has no data-dependent shapes and is captured
+    as one graph (the hand-written backward included). The grouped path breaks the
+    graph at its expert-block bookkeeping (:func:`_expert_blocks`, excluded from
+    compilation with ``torch.compiler.disable``: the number of blocks depends on the
+    routing); dynamo reports that break once per enclosing frame (3 breaks), the rest
+    runs in compiled pieces. Checked with the inductor backend: forward and gradients
+    equal eager to ~1e-6 (float32) on both paths.
 
     Args:
         embed_dims: token width ``C``.
