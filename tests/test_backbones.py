@@ -132,7 +132,7 @@ _SMALL_ATTN = {
 }
 _FAMILIES = ['cbt-tiny', 'cbt-small', 'cbt-base', 'cbt-large', 'crate-tiny', 'crate-large',
              'tost-tiny', 'tost-small', 'deit-tiny', 'mita-deit-tiny', 'mita-deit-small',
-             'primal-deit-small', 'primalformer-small']
+             'mita-deit-small-dwc-gate', 'primal-deit-small', 'primalformer-small']
 
 
 def _reduced(arch: str) -> dict:
@@ -157,6 +157,10 @@ def test_arch_zoo_covers_the_issue():
     assert zoo['cbt-large']['num_layers'] == 24 and zoo['cbt-large']['num_heads'] == 16
     assert zoo['cbt-tiny']['attn_cfg'] == dict(type='CBSA', head_dims=64, num_reps=64)
     assert zoo['cbt-tiny']['norm_eps'] == 1e-5 and zoo['mita-deit-tiny']['norm_eps'] == 1e-6
+    gated = zoo['mita-deit-small-dwc-gate']
+    assert gated['attn_cfg'] == dict(type='MiTA', num_landmarks=25, topk=25, qkv_bias=True,
+                                     dwc=True, gate=True)
+    assert gated['embed_dims'] == 384 and zoo['mita-deit-s-dwc-gate'] == gated
     assert zoo['primal-deit-small']['tail_attn_cfg']['low_rank'] == 96
     assert zoo['primalformer-small']['attn_cfg']['low_rank'] == 20
 

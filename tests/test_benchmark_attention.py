@@ -24,6 +24,9 @@ def test_grid_of(bench):
     assert bench.grid_of(2048) == (32, 64)
     assert bench.grid_of(12) == (3, 4)
     assert bench.parse_reps('10x12') == (10, 12) and bench.parse_reps('64') == 64
+    # the default sizes include DeiT's 224² image at patch 16 (14×14 = 196 tokens)
+    assert bench.parse_args([]).n_list == [196, 256, 1024, 4096, 16384]
+    assert bench.grid_of(196) == (14, 14)
 
 
 def test_tiny_run_writes_table_csv_and_plot(bench, tmp_path, capsys):

@@ -47,7 +47,7 @@ per mechanism, one row of panels per device) in ``--out-dir``.
 Example::
 
     python tools/analysis_tools/benchmark_attention.py --threads 2 \\
-        --n-list 256 1024 4096 16384 --out-dir work_dirs/benchmark_attention
+        --n-list 196 256 1024 4096 16384 --out-dir work_dirs/benchmark_attention
 """
 import argparse
 import csv
@@ -75,8 +75,10 @@ MODES = ('fwd', 'fwd+bwd')
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description='Benchmark mmcbsa attentions (time, peak memory) against MHSA')
-    parser.add_argument('--n-list', type=int, nargs='+', default=[256, 1024, 4096, 16384],
-                        help='patch-token counts N (one CLS token is added)')
+    parser.add_argument('--n-list', type=int, nargs='+',
+                        default=[196, 256, 1024, 4096, 16384],
+                        help='patch-token counts N (one CLS token is added); 196 is a '
+                        '224x224 image at patch 16 (DeiT, MiTA-DeiT)')
     parser.add_argument('--embed-dims', type=int, default=384)
     parser.add_argument('--num-heads', type=int, default=6)
     parser.add_argument('--num-reps', type=str, default='64',

@@ -44,6 +44,9 @@ _DEIT = dict(stem='patch', layout='residual', norm_eps=1e-6, mlp_ratio=4,
              attn_cfg=dict(type='MHSA', qkv_bias=True))
 # MiTA-DeiT (SPEC §5): 5×5 landmarks, k = 25 routed keys.
 _MITA_DEIT = dict(_DEIT, attn_cfg=dict(type='MiTA', num_landmarks=25, topk=25, qkv_bias=True))
+# MiTA-DeiT +DWC,Gate (docs/mechanisms.md §5b): input projection C -> 4C (q, k, v, g),
+# (attention + DWC(v)) ⊙ SiLU(g) before the output projection.
+_MITA_DEIT_DWC_GATE = dict(_MITA_DEIT, attn_cfg=dict(_MITA_DEIT['attn_cfg'], dwc=True, gate=True))
 # Primal-Attention (SPEC §6): Primal.+DeiT-S uses it in the last block only (s = 96);
 # PrimalFormer in every block (s = 20). rank_multi = 10 in both.
 _PRIMAL_DEIT = dict(_DEIT, num_tail_layers=1,
@@ -149,6 +152,8 @@ class WhiteBoxViT(BaseModule):
         **_zoo(['deit-s', 'deit-small'], _DEIT, _SMALL),
         **_zoo(['mita-deit-t', 'mita-deit-tiny'], _MITA_DEIT, _TINY),
         **_zoo(['mita-deit-s', 'mita-deit-small'], _MITA_DEIT, _SMALL),
+        **_zoo(['mita-deit-s-dwc-gate', 'mita-deit-small-dwc-gate'], _MITA_DEIT_DWC_GATE,
+               _SMALL),
         **_zoo(['primal-deit-s', 'primal-deit-small'], _PRIMAL_DEIT, _SMALL),
         **_zoo(['primalformer-s', 'primalformer-small'], _PRIMALFORMER, _SMALL),
     }
