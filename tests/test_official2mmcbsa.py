@@ -276,17 +276,19 @@ def _to_timm(sd):
     return out
 
 
-@pytest.mark.parametrize('dwc,kv_topk', [(False, 4), (True, 5)])
-def test_mita_deit_roundtrip(dwc, kv_topk, tmp_path, capsys):
+@pytest.mark.parametrize('dwc,gate,kv_topk', [(False, False, 4), (True, False, 5),
+                                               (True, True, 5)])
+def test_mita_deit_roundtrip(dwc, gate, kv_topk, tmp_path, capsys):
     from mmpretrain.registry import MODELS
     init_default_scope('mmpretrain')
-    topk = 25 if dwc else kv_topk ** 2  # the DWC module routes pool_size² keys
+    topk = 25 if dwc else kv_topk ** 2  # the DWC modules route pool_size² keys
     direct = MODELS.build(dict(
         type='ImageClassifier',
         backbone=dict(type='WhiteBoxViT', img_size=80, patch_size=16, out_type='cls_token',
                       arch=dict(base='mita-deit-tiny', embed_dims=128, num_layers=2,
                                 num_heads=2, attn_cfg=dict(num_landmarks=25, topk=topk,
-                                                           dwc=dwc, legacy_pooling=True))),
+                                                           dwc=dwc, gate=gate,
+                                                           legacy_pooling=True))),
         head=dict(type='LinearClsHead', num_classes=7, in_channels=128))).eval()
     torch.manual_seed(0)
     with torch.no_grad():
@@ -295,11 +297,13 @@ def test_mita_deit_roundtrip(dwc, kv_topk, tmp_path, capsys):
     randomise_layer_norms(direct)
     official = _to_timm(direct.state_dict())
     assert ('blocks.0.attn.dwc.weight' in official) == dwc and 'head.weight' in official
+    assert ('blocks.0.attn.qkvg.weight' in official) == gate
     src, dst = tmp_path / 'mita.pth', tmp_path / 'mita_converted.pth'
     _save_deit_main(official, src, pool_size=5, kv_topk=kv_topk)
     rc, out, err = _run(capsys, src, dst)
     assert rc == 0, err
-    assert f"recognised: {'mita-dwc-deit' if dwc else 'mita-deit'} -- " in out
+    kind = 'mita-dwc-gate-deit' if gate else 'mita-dwc-deit' if dwc else 'mita-deit'
+    assert f'recognised: {kind} -- ' in out
     assert 'num_heads: 2, for DeiT' in out  # the official head width 64 gives 2 heads
     if not dwc:
         assert f"kv_topk: {kv_topk}, the checkpoint's args.kv_topk" in out
@@ -458,12 +462,6 @@ def test_refusals_name_the_problem(tmp_path, capsys):
     torch.save({'state_dict': {'backbone.w': torch.ones(2)}, 'meta': {}},
                tmp_path / 'ours.pth')
     refused(tmp_path / 'ours.pth', match='looks like an mmcbsa / OpenMMLab checkpoint already')
-    gated = _to_timm({'backbone.cls_token': torch.zeros(1, 1, 8),
-                      'backbone.patch_embed.projection.weight': torch.zeros(8, 3, 4, 4),
-                      'backbone.layers.0.norm1.weight': torch.ones(8),
-                      'backbone.layers.0.attn.qkvg.weight': torch.zeros(32, 8)})
-    torch.save(gated, tmp_path / 'gated.pth')
-    refused(tmp_path / 'gated.pth', match='recognised a MiTA-DeiT \\+DWC,Gate checkpoint')
 
     # sizes: given values that contradict the tensors, impossible values, wrong options
     step_rep = r'transformer.layers.0.0.fn.step_rep'

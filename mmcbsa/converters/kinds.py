@@ -18,7 +18,7 @@ Kinds (``KINDS``; the names are what ``official2mmcbsa`` prints and records):
 ``primalformer``        PrimalFormer (every block Primal-Attention)
 ``mita-deit``           MiTA-DeiT (timm DeiT, MiTA attention)
 ``mita-dwc-deit``       MiTA-DeiT +DWC
-``mita-dwc-gate-deit``  MiTA-DeiT +DWC,Gate (recognised, refused: no gated MiTA here)
+``mita-dwc-gate-deit``  MiTA-DeiT +DWC,Gate
 ``depict-sa-segmenter`` Segmenter ViT encoder (``encoder.*``) + DEPICT-SA (``decoder.*``)
 ``depict-ca-segmenter`` the same with DEPICT-CA
 ``cbt-segmenter``       the same with the CBT decoder (CBSA paper)
@@ -625,12 +625,6 @@ class MiTADeiT(_Classifier):
         return gate == self.gate and (gate or dwc == self.dwc)
 
     def infer(self, sd, opts, extras):
-        if self.gate:
-            dim = int(_need(sd, 'cls_token').shape[-1])
-            raise ConversionError(
-                'recognised a MiTA-DeiT +DWC,Gate checkpoint (the attention input projection '
-                f'is 4x{dim} wide: q, k, v and a gate), but this mmcbsa has no gated MiTA '
-                'attention to load it into')
         sizes = _call(infer_timm_vit_sizes, sd)
         dim = sizes['embed_dim']
         blocks = timm_block_indices(sd)
@@ -638,12 +632,13 @@ class MiTADeiT(_Classifier):
         if with_dwc and len(with_dwc) != len(blocks):
             raise ConversionError(f'only blocks {with_dwc} of {len(blocks)} have attn.dwc: '
                                   'MiTA-DeiT +DWC has it in every block')
-        qkv = _need(sd, 'blocks.0.attn.qkv.weight')
-        if tuple(qkv.shape) != (3 * dim, dim):
-            raise ConversionError(f'blocks.0.attn.qkv.weight has shape {tuple(qkv.shape)}, '
-                                  f'expected (3*{dim}, {dim})')
+        proj_in, width = ('qkvg', 4) if self.gate else ('qkv', 3)
+        qkv = _need(sd, f'blocks.0.attn.{proj_in}.weight')
+        if tuple(qkv.shape) != (width * dim, dim):
+            raise ConversionError(f'blocks.0.attn.{proj_in}.weight has shape '
+                                  f'{tuple(qkv.shape)}, expected ({width}*{dim}, {dim})')
         heads, p, why = _resolve_heads(dim, f'the embedding width (cls_token, {dim})', opts, 64)
-        rec = Recognised(dict(sizes, num_heads=heads, dwc=self.dwc,
+        rec = Recognised(dict(sizes, num_heads=heads, dwc=self.dwc, gate=self.gate,
                               proj_bias='blocks.0.attn.proj.bias' in sd))
         if why and (opts.num_heads is not None or opts.head_dims is not None):
             rec.defaults['num_heads'] = why

@@ -110,7 +110,8 @@ def infer_timm_vit_sizes(state_dict: Mapping[str, Tensor]) -> dict:
         ``embed_dim`` (``cls_token``), ``depth`` (``blocks.i``), ``patch_size``
         (``patch_embed.proj.weight``), ``img_size`` (``pos_embed``: CLS + a square
         grid of patches), ``mlp_ratio`` (``mlp.fc1``), ``num_classes`` (``head``; None
-        without a head), ``qkv_bias`` (whether block 0 has ``attn.qkv.bias``).
+        without a head), ``qkv_bias`` (whether block 0 has ``attn.qkv.bias``, or
+        ``attn.qkvg.bias`` in gated MiTA).
 
     Raises:
         KeyError: a tensor these come from is missing.
@@ -144,4 +145,5 @@ def infer_timm_vit_sizes(state_dict: Mapping[str, Tensor]) -> dict:
                 img_size=grid * int(patch_w.shape[-1]), mlp_ratio=fc1.shape[0] / dim,
                 num_classes=int(state_dict['head.weight'].shape[0])
                 if 'head.weight' in state_dict else None,
-                qkv_bias='blocks.0.attn.qkv.bias' in state_dict)
+                qkv_bias=('blocks.0.attn.qkv.bias' in state_dict
+                          or 'blocks.0.attn.qkvg.bias' in state_dict))
