@@ -1,16 +1,23 @@
 """What tools/train.py and tools/test.py share: the runner-related command-line options,
 loading a config with those options applied, and building mmengine's Runner with the
-CPU (gloo) distributed path of :mod:`mmcbsa.utils.dist`.
+CPU (gloo) distributed path of :mod:`mmcbsa.utils.dist`. Also the common command-line
+shape, CSV writing and error policy of the analysis tools.
 """
 import argparse
+import csv
+import functools
 import os
 import os.path as osp
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 
 from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 from .dist import setup_cpu_distributed
+
+T = TypeVar('T')
 
 
 def add_runner_args(parser: argparse.ArgumentParser) -> None:
@@ -61,3 +68,67 @@ def build_runner(cfg: Config) -> Runner:
     if 'runner_type' not in cfg:
         return Runner.from_cfg(cfg)
     return RUNNERS.build(cfg)
+
+
+# ---------------------------------------------------------------------------------------
+# analysis tools (tools/analysis_tools/{coding_rate,visualize_attention,zero_shot_seg,
+# perturb_robustness}.py): one command-line shape and one error policy
+# ---------------------------------------------------------------------------------------
+
+
+def add_analysis_args(parser: argparse.ArgumentParser) -> None:
+    """``CONFIG [--checkpoint CKPT] --out-dir DIR [--device D] [--cfg-options ...]``."""
+    parser.add_argument('config', help='mmseg or mmpretrain config')
+    parser.add_argument('--checkpoint', default=None,
+                        help='weights; without it, the config\'s initialisation (seeded), '
+                        'e.g. to compare trained against untrained')
+    parser.add_argument('--out-dir', required=True, help='directory for the CSV and PNG files')
+    parser.add_argument('--device', default='cpu',
+                        help="'cpu' (default), 'cuda' / 'cuda:N', or 'auto' (CUDA if present)")
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override settings of the config, key=value pairs (e.g. '
+        'test_dataloader.dataset.data_root=data/mini_ade20k)')
+
+
+def load_analysis_config(args: argparse.Namespace) -> Config:
+    """The config of an analysis tool with ``--cfg-options`` applied; checks that the
+    config and ``--checkpoint`` exist and creates ``--out-dir``."""
+    if not osp.isfile(args.config):
+        raise FileNotFoundError(f'config file not found: {args.config}')
+    if getattr(args, 'checkpoint', None) and not osp.isfile(args.checkpoint):
+        raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    os.makedirs(args.out_dir, exist_ok=True)
+    return cfg
+
+
+def write_csv(path: str, rows: List[Dict[str, object]]) -> None:
+    """Rows (dicts with the same keys, in order) -> a CSV file with a header line."""
+    if not rows:
+        raise ValueError(f'nothing to write to {path}')
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def cli_main(fn: Callable[[Optional[Sequence[str]]], T]) -> Callable[..., T]:
+    """Decorate a tool's ``main(argv)``: a user's mistake (``ValueError``,
+    ``FileNotFoundError``) ends the program with one line on stderr and exit status 2
+    instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(argv: Optional[Sequence[str]] = None) -> T:
+        try:
+            return fn(argv)
+        except (ValueError, FileNotFoundError) as err:
+            prog = osp.basename(fn.__code__.co_filename)
+            print(f'{prog}: error: {err}', file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper
