@@ -25,7 +25,9 @@ class CodingRateHook(Hook):
     mmengine's ``LoggerHook`` then writes them, with the loss and learning rate, into the
     text log, ``vis_data/scalars.json`` and every visualizer backend (TensorBoard,
     W&B): a logged value is the latest measurement, so choose ``interval`` as a multiple
-    of the logger's interval. The hook also prints one line per measurement.
+    of the logger's interval. The measurement before training (the initialisation) is
+    written to the visualizer backends directly, at step 0. The hook also prints one line
+    per measurement.
 
     Enable it from a config::
 
@@ -83,7 +85,10 @@ class CodingRateHook(Hook):
 
     def before_train(self, runner) -> None:
         if self.measure_at_start:
-            self.measure(runner, runner.iter)
+            scalars = self.measure(runner, runner.iter)
+            # LoggerHook's first line comes after `interval` iterations: write the
+            # initialisation's values to the visualizer backends directly, at this step
+            runner.visualizer.add_scalars(scalars, step=runner.iter)
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None,
                          outputs=None) -> None:

@@ -127,5 +127,5 @@ def save_tile_grid(tiles: List[List[Optional[np.ndarray]]], path: str,
                                                   interpolation=cv2.INTER_NEAREST)
     if title:
         grid = np.concatenate([_text_band(grid.shape[1], 16, [title]), grid], axis=0)
-    if not cv2.imwrite(path, grid[..., ::-1]):
+    if not cv2.imwrite(path, grid[..., ::-1], [int(cv2.IMWRITE_PNG_COMPRESSION), 9]):
         raise OSError(f'could not write {path}')
