@@ -213,6 +213,29 @@ def test_mmseg_vit_attention_maps_are_the_modules_own_softmax():
     torch.testing.assert_close(rec.projection, x @ wv.T + bv)
 
 
+def test_segmenter_head_tokens_after_the_patches():
+    # mmseg's Segmenter mask transformer appends its class tokens after the patches
+    from seg_helpers import tiny_vit_segmentor
+    torch.manual_seed(0)
+    model = tiny_vit_segmentor(dict(type='SegmenterMaskTransformerHead', in_channels=24,
+                                    channels=24, num_classes=3, num_layers=1, num_heads=2,
+                                    embed_dims=24, drop_path_rate=0.0)).eval()
+    inner = model.decode_head.layers[0].attn.attn  # torch nn.MultiheadAttention
+    seen = []
+    handle = inner.register_forward_pre_hook(lambda m, a, k: seen.append(k['query']),
+                                             with_kwargs=True)
+    with torch.no_grad(), AttentionCapture(model) as cap:
+        model.decode_head(model.extract_feat(torch.randn(1, 3, 32, 32)))
+    handle.remove()
+    head = [r for r in cap.layers if r.group == 'decode_head'][-1]
+    assert head.hw_shape == (4, 4) and head.num_prefix == 3 and head.query == 'mean'
+    x = seen[-1]  # (N, B, C), patches first then 3 class tokens
+    with torch.no_grad():
+        _, weights = inner(x, x, x, need_weights=True, average_attn_weights=False)
+    expected = weights[0, :, :16, :16].mean(1).reshape(2, 4, 4)  # patch queries and keys
+    torch.testing.assert_close(head.maps['mean'][0, :, 0], expected, rtol=0, atol=1e-6)
+
+
 def test_mmpretrain_attention_map_from_its_qkv():
     torch.manual_seed(0)
     mha = PretrainMHA(embed_dims=8, num_heads=2).eval()
@@ -324,6 +347,14 @@ def test_gaussian_noise_scope_and_seed():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
     with pytest.raises(ValueError, match='scope'):
         perturb_parameters_(model, 0.1, 'neck')
+    # a name pattern: only the U matrices of the head's MSSA layers
+    fresh = _depict_segmentor()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    n = perturb_parameters_(fresh, 0.1, 'head', torch.Generator().manual_seed(0), 'in_proj')
+    assert n == 2 * 12 * 24  # 2 layers, U of (H p) x d = 12 x 24
+    changed = {k for k, v in fresh.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {'decode_head.layers.0.attn.in_proj.weight',
+                       'decode_head.layers.1.attn.in_proj.weight'}
 
 
 def test_orthogonal_transforms_of_depict_heads():

@@ -254,6 +254,8 @@ def test_perturb_robustness_tool(kind, configs, tmp_path):
             '1', '--seeds', '1']
     if kind == 'depict':
         argv += ['--orthogonal']
+    if kind == 'cbt_head':  # noise on the CBSA projections U only
+        argv += ['--params', r'decode_head\.layers\.\d+\.attn\.in_proj']
     rows = tool.main(argv)
     assert [{k: str(v) for k, v in r.items()} for r in rows] == read_csv(
         tmp_path / 'perturb_robustness.csv')
@@ -267,6 +269,9 @@ def test_perturb_robustness_tool(kind, configs, tmp_path):
     if kind == 'depict':
         assert {r['mode'] for r in rows if r['transform'] == 'orthogonal'} == {'whole',
                                                                               'per_head'}
+    if kind == 'cbt_head':
+        assert {r['params'] for r in rows if r['transform'] == 'gaussian'} == {
+            r'decode_head\.layers\.\d+\.attn\.in_proj'}
     assert_png(tmp_path / 'perturb_robustness.png')
 
 

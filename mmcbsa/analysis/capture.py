@@ -25,7 +25,12 @@ torch ``nn.MultiheadAttention`` (mmseg)    subspaces play the role of CRATE's ``
 ``PrimalAttention``                        the query part of ``qk(x)`` (it has no values)
 =========================================  ==============================================
 
-Maps (each ``(B, H, K, h, w)`` over the ``h × w`` patch grid, prefix tokens removed):
+All ``N`` tokens of the call are kept (prefix tokens included, as the reference does with
+CLS); for a cross-attention call (DEPICT-CA's class queries) it is the queries' projection.
+
+Maps (each ``(B, H, K, h, w)`` over the ``h × w`` patch grid, other tokens removed; the
+patches are the last ``h·w`` tokens — prefix layout, as in mmcbsa and the ViTs — except in
+:data:`SUFFIX_LAYOUT_MODULES`, where they come first):
 
 * ``'cls'`` — the CLS row (query token 0) of the token-to-token attention; used when
   the layer has exactly one prefix token (or ``query='cls'``). Otherwise ``'mean'``:
@@ -70,7 +75,8 @@ class LayerRecord:
         num_heads: heads ``H``.
         num_tokens: tokens ``N`` of its input.
         hw_shape: patch grid ``(h, w)``, or ``None`` when unknown (then no maps).
-        num_prefix: prefix tokens (``N − h·w``), or ``None``.
+        num_prefix: tokens that are not patches (``N − h·w``: CLS, class embeddings),
+            or ``None``.
         query: ``'cls'`` or ``'mean'`` — which row the token-to-token map is.
         projection: the attention input projection ``(B, N, H·p)`` (detached), or ``None``.
         maps: ``{kind: (B, H, K, h, w)}`` (see the module docstring).
@@ -119,6 +125,7 @@ class _Call:
         self.children: Dict[str, Tensor] = {}
         self.hw_shape: Optional[Grid] = None
         self.num_prefix: Optional[int] = None
+        self.patch_start = 0  # index of the first patch token (num_prefix, or 0 if suffix)
         self.query = 'cls'
 
     def arg(self, index: int, name: str) -> Any:
@@ -162,14 +169,15 @@ def _as_grid(value: Any) -> Optional[Grid]:
 def _patches(t: Tensor, call: _Call) -> Tensor:
     """``(B, H, K, N)`` over all tokens -> ``(B, H, K, h, w)`` over the patches."""
     h, w = call.hw_shape
-    return t[..., call.num_prefix:].reshape(*t.shape[:-1], h, w)
+    return t[..., call.patch_start:call.patch_start + h * w].reshape(*t.shape[:-1], h, w)
 
 
 def _query_rows(attn: Tensor, call: _Call) -> Tensor:
     """Token-to-token ``(B, H, N, L)`` -> the query row ``(B, H, 1, L)``."""
     if call.query == 'cls':
         return attn[:, :, :1]
-    return attn[:, :, call.num_prefix:].mean(2, keepdim=True)
+    n = call.hw_shape[0] * call.hw_shape[1]
+    return attn[:, :, call.patch_start:call.patch_start + n].mean(2, keepdim=True)
 
 
 def _query_weights(t: Tensor, call: _Call) -> Tensor:
@@ -177,7 +185,8 @@ def _query_weights(t: Tensor, call: _Call) -> Tensor:
     (token 0, or the mean over the patch tokens)."""
     if call.query == 'cls':
         return t[..., :1]
-    return t[..., call.num_prefix:].mean(-1, keepdim=True)
+    n = call.hw_shape[0] * call.hw_shape[1]
+    return t[..., call.patch_start:call.patch_start + n].mean(-1, keepdim=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -356,6 +365,9 @@ MECHANISMS: Dict[str, Mechanism] = {
         Mechanism(_torch_mha_value, _torch_mha_maps),
 }
 _ISTA_TYPES = ('ISTA', )
+# Modules whose attentions see the patch tokens FIRST and their extra tokens after them
+# (mmcbsa and the ViTs put CLS / class tokens first): mmseg's Segmenter mask transformer.
+SUFFIX_LAYOUT_MODULES = ('SegmenterMaskTransformerHead', )
 
 
 def mechanism_of(module: nn.Module) -> Optional[Mechanism]:
@@ -404,6 +416,7 @@ class AttentionCapture:
         self._switched: List[Tuple[nn.Module, Any]] = []
         self._active: Dict[int, List[_Call]] = {}
         self._last_grid: Optional[Grid] = None
+        self._suffix_layout: set = set()
 
     # public ---------------------------------------------------------------------------
     def clear(self) -> None:
@@ -412,6 +425,9 @@ class AttentionCapture:
 
     def __enter__(self) -> 'AttentionCapture':
         names = {id(m): n for n, m in self.model.named_modules()}
+        for owner in self.model.modules():
+            if type(owner).__name__ in SUFFIX_LAYOUT_MODULES:
+                self._suffix_layout.update(id(m) for m in owner.modules())
         for module in self.model.modules():
             name = names[id(module)]
             mech = mechanism_of(module)
@@ -514,10 +530,12 @@ class AttentionCapture:
         if grid is None:
             return
         call.hw_shape, call.num_prefix = grid, num_tokens - grid[0] * grid[1]
+        suffix = id(call.module) in self._suffix_layout
+        call.patch_start = 0 if suffix else call.num_prefix
         if self.query == 'auto':
-            call.query = 'cls' if call.num_prefix == 1 else 'mean'
+            call.query = 'cls' if call.num_prefix == 1 and not suffix else 'mean'
         else:
             call.query = self.query
-        if call.query == 'cls' and call.num_prefix == 0:
-            call.query = 'mean'  # no prefix token to read a row from
+        if call.query == 'cls' and (call.num_prefix == 0 or suffix):
+            call.query = 'mean'  # no leading non-patch token to read a row from
 

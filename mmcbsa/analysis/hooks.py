@@ -72,6 +72,10 @@ class CodingRateHook(Hook):
                 layers = measure_compression(model, self._images(runner), self.eps)
         finally:
             model.train(was_training)
+        if not layers:
+            runner.logger.warning('CodingRateHook: the model has no attention layer with a '
+                                  'known input projection (mmcbsa.analysis.MECHANISMS); '
+                                  'nothing to log')
         scalars = compression_scalars(layers)
         for key, value in scalars.items():
             runner.message_hub.update_scalar(f'train/{key}', value)

@@ -20,7 +20,8 @@ so ``Σ_h R(U_h z)`` and the layer change — no invariance is predicted (except
 and the metric drop measures how much the trained head relies on its particular
 subspaces.
 """
-from typing import Iterator, List, Tuple
+import re
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -48,18 +49,30 @@ def _scope_modules(model: nn.Module, scope: str) -> List[Tuple[str, nn.Module]]:
     return found
 
 
-def scope_parameters(model: nn.Module, scope: str) -> Iterator[Tuple[str, nn.Parameter]]:
+def scope_parameters(model: nn.Module, scope: str,
+                     pattern: Optional[str] = None) -> Iterator[Tuple[str, nn.Parameter]]:
     """``(name, parameter)`` of ``scope``: ``'head'`` (``decode_head`` /
     ``auxiliary_head`` of a segmentor, ``head`` of a classifier), ``'backbone'``, or
-    ``'all'`` (every parameter, necks included)."""
+    ``'all'`` (every parameter, necks included); with ``pattern``, only the parameters whose
+    full name matches that regular expression (``re.search``, e.g. ``'in_proj'``)."""
+    regex = None
+    if pattern is not None:
+        try:
+            regex = re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f'parameter pattern {pattern!r} is not a regular expression: '
+                             f'{err}') from None
     for prefix, module in _scope_modules(model, scope):
         for name, param in module.named_parameters():
-            yield (f'{prefix}.{name}' if prefix else name), param
+            full = f'{prefix}.{name}' if prefix else name
+            if regex is None or regex.search(full):
+                yield full, param
 
 
 @torch.no_grad()
 def perturb_parameters_(model: nn.Module, sigma: float, scope: str = 'all',
-                        generator: torch.Generator = None) -> int:
+                        generator: torch.Generator = None,
+                        pattern: Optional[str] = None) -> int:
     """Add ``N(0, σ²)`` to every floating-point parameter of ``scope``, in place.
 
     The noise is drawn on the CPU from ``generator`` (same numbers on every device),
@@ -71,6 +84,7 @@ def perturb_parameters_(model: nn.Module, sigma: float, scope: str = 'all',
         sigma: standard deviation ``σ >= 0`` (absolute, the same for every parameter).
         scope: see :func:`scope_parameters`.
         generator: a seeded ``torch.Generator`` (CPU).
+        pattern: only the parameters whose name matches (see :func:`scope_parameters`).
 
     Returns:
         the number of perturbed scalars.
@@ -78,7 +92,7 @@ def perturb_parameters_(model: nn.Module, sigma: float, scope: str = 'all',
     if not sigma >= 0:
         raise ValueError(f'sigma must be >= 0, got {sigma!r}')
     count = 0
-    for _, param in scope_parameters(model, scope):
+    for _, param in scope_parameters(model, scope, pattern):
         if not param.is_floating_point():
             continue
         noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)

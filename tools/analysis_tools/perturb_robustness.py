@@ -9,7 +9,8 @@ weights are restored from a copy, so the runs are independent; ``σ = 0`` reprod
 clean metric exactly. ``--orthogonal`` also applies DEPICT's random orthogonal
 transforms of ``U`` in the head's tied MSSA layers (``whole``: ``Q U``; ``per_head``:
 ``Q_h U_h``) — per-head rotations leave a tied layer's function unchanged, whole ones
-mix the heads' subspaces (see ``mmcbsa.analysis.perturb``).
+mix the heads' subspaces (see ``mmcbsa.analysis.perturb``). ``--params REGEX`` restricts
+the noise to the parameters of the scope whose names match (e.g. ``in_proj``: only ``U``).
 
 Writes ``perturb_robustness.csv`` (one row per run) and ``perturb_robustness.png`` (metric
 against σ, mean ± std over seeds; orthogonal transforms as bars) into ``--out-dir``; the
@@ -50,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         'to 1)')
     parser.add_argument('--scope', choices=SCOPES, default='head',
                         help='parameters perturbed (default: head)')
+    parser.add_argument('--params', default=None, metavar='REGEX',
+                        help='only perturb the parameters of the scope whose name matches this '
+                        'regular expression (e.g. in_proj: the U of MSSA / CBSA layers)')
     parser.add_argument('--seeds', type=int, default=3,
                         help='random draws per σ (seeds 0 .. N-1; default 3)')
     parser.add_argument('--orthogonal', action='store_true',
@@ -89,8 +93,9 @@ def plot(rows: List[dict], path: str, key: str, title: str) -> None:
     pos = [s for s in sigmas if s > 0]
     if pos:
         vals = [[float(r['value']) for r in noise if float(r['sigma']) == s] for s in pos]
+        where = noise[0]['scope'] + (f' /{noise[0]["params"]}/' if noise[0]['params'] else '')
         axes[0].errorbar(pos, [np.mean(v) for v in vals], yerr=[np.std(v) for v in vals],
-                         marker='o', capsize=3, label=f'N(0, σ²) on {noise[0]["scope"]}')
+                         marker='o', capsize=3, label=f'N(0, σ²) on {where}')
         axes[0].set_xscale('log')
     axes[0].axhline(clean, color='grey', linestyle='--', label='clean')
     axes[0].set_xlabel('σ', fontsize=8)
@@ -141,7 +146,10 @@ def main(argv=None) -> List[dict]:
         set_random_seed(config_seed(cfg))
         model.init_weights()
     model.to(device)
-    list(scope_parameters(model, args.scope))  # fails early on a scope the model lacks
+    perturbed = list(scope_parameters(model, args.scope, args.params))  # fails early
+    if not perturbed:
+        raise ValueError(f'--params {args.params!r} matches no parameter in scope '
+                         f'{args.scope!r}')
     if args.orthogonal and not tied_mssa_layers(model, 'head'):
         raise ValueError('--orthogonal needs a DEPICT decode head (tied-projection MSSA '
                          'layers); this model has none')
@@ -160,7 +168,7 @@ def main(argv=None) -> List[dict]:
         model.load_state_dict(clean_state)
         gen = None if seed is None else torch.Generator().manual_seed(seed)
         if transform == 'gaussian':
-            perturb_parameters_(model, sigma, args.scope, gen)
+            perturb_parameters_(model, sigma, args.scope, gen, args.params)
         elif transform == 'orthogonal':
             orthogonal_transform_(model, mode, 'head', gen)
         metrics = runner.test()
@@ -168,6 +176,7 @@ def main(argv=None) -> List[dict]:
         rows.append(dict(transform=transform,
                          scope=args.scope if transform == 'gaussian' else
                          ('head' if transform == 'orthogonal' else ''),
+                         params=(args.params or '') if transform == 'gaussian' else '',
                          sigma='' if sigma is None else sigma, mode=mode or '',
                          seed='' if seed is None else seed, metric=key,
                          value=f'{float(metrics[key]):.4f}'))
@@ -183,7 +192,8 @@ def main(argv=None) -> List[dict]:
     for s in args.sigmas:
         v = [float(r['value']) for r in rows if r['transform'] == 'gaussian' and r['sigma'] == s]
         means.append(f'{s:g}: {np.mean(v):.2f}')
-    text = f'{key} clean {clean:.2f}; σ on {args.scope} ({args.seeds} seeds) ' + ', '.join(means)
+    where = args.scope + (f' /{args.params}/' if args.params else '')
+    text = f'{key} clean {clean:.2f}; σ on {where} ({args.seeds} seeds) ' + ', '.join(means)
     if args.orthogonal:
         text += '; orthogonal ' + ', '.join(
             f'{m} {np.mean([float(r["value"]) for r in rows if r["mode"] == m]):.2f}'

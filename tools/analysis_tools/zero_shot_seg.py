@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         'classifier configs); --cfg-options apply to it too')
     parser.add_argument('--num-drawn', type=int, default=4,
                         help='images drawn in zero_shot_seg.png (default 4)')
+    parser.add_argument('--tile-size', type=int, default=112,
+                        help='pixels of the longer side of each drawn tile (default 112)')
     return parser.parse_args(argv)
 
 
@@ -150,6 +152,9 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
     args = parse_args(argv)
     if not 0 < args.tau <= 1:
         raise ValueError(f'--tau must be in (0, 1], got {args.tau}')
+    if args.num_drawn <= 0 or args.tile_size < 16:
+        raise ValueError(f'--num-drawn must be positive and --tile-size at least 16, got '
+                         f'{args.num_drawn} and {args.tile_size}')
     cfg = load_analysis_config(args)
     if args.seg_data is not None:
         if not osp.isfile(args.seg_data):
@@ -244,7 +249,7 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
     csv_path = osp.join(args.out_dir, 'zero_shot_seg.csv')
     write_csv(csv_path, rows)
     png_path = osp.join(args.out_dir, 'zero_shot_seg.png')
-    _draw(drawn, results, png_path, ignore)
+    _draw(drawn, results, png_path, ignore, args.tile_size)
     best = max((n for n in results if n.startswith('clusters')),
                key=lambda n: results[n]['IoU.foreground'], default=None)
     parts = []
@@ -262,7 +267,8 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
     return results
 
 
-def _draw(drawn: list, results: Dict[str, Dict[str, float]], path: str, ignore: int) -> None:
+def _draw(drawn: list, results: Dict[str, Dict[str, float]], path: str, ignore: int,
+          tile_size: int) -> None:
     best = max((n for n in results if n.startswith('clusters')),
                key=lambda n: results[n]['IoU.foreground'], default=None)
     tiles = []
@@ -281,7 +287,7 @@ def _draw(drawn: list, results: Dict[str, Dict[str, float]], path: str, ignore: 
         cols.append('attention mass')
     if best is not None:
         cols += [f'clusters ({best.split("/")[1]})', 'clusters -> fg']
-    save_tile_grid(tiles, path, None, cols)
+    save_tile_grid(tiles, path, None, cols, tile_px=tile_size)
 
 
 if __name__ == '__main__':
