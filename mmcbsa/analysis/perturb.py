@@ -54,7 +54,13 @@ def scope_parameters(model: nn.Module, scope: str,
     """``(name, parameter)`` of ``scope``: ``'head'`` (``decode_head`` /
     ``auxiliary_head`` of a segmentor, ``head`` of a classifier), ``'backbone'``, or
     ``'all'`` (every parameter, necks included); with ``pattern``, only the parameters whose
-    full name matches that regular expression (``re.search``, e.g. ``'in_proj'``)."""
+    full name matches that regular expression (``re.search``, e.g. ``'in_proj'``).
+
+    Args:
+        model: the model.
+        scope: ``'head'``, ``'backbone'`` or ``'all'``.
+        pattern: optional regular expression on the full parameter names.
+    """
     regex = None
     if pattern is not None:
         try:
@@ -104,7 +110,13 @@ def perturb_parameters_(model: nn.Module, sigma: float, scope: str = 'all',
 def random_orthogonal(n: int, generator: torch.Generator = None,
                       dtype: torch.dtype = torch.float64) -> Tensor:
     """A Haar-random ``n × n`` orthogonal matrix (QR of a Gaussian matrix with the signs
-    of ``R``'s diagonal moved into ``Q``), drawn on the CPU."""
+    of ``R``'s diagonal moved into ``Q``), drawn on the CPU.
+
+    Args:
+        n: size.
+        generator: a seeded CPU ``torch.Generator`` (or ``None``: the global one).
+        dtype: dtype of the result.
+    """
     if n <= 0:
         raise ValueError(f'random_orthogonal: n must be positive, got {n}')
     g = torch.randn(n, n, generator=generator, dtype=torch.float64)
@@ -115,7 +127,8 @@ def random_orthogonal(n: int, generator: torch.Generator = None,
 
 
 def tied_mssa_layers(model: nn.Module, scope: str = 'head') -> List[Tuple[str, nn.Module]]:
-    """``(name, module)`` of the MSSA layers with a tied projection (DEPICT) in ``scope``."""
+    """``(name, module)`` of the MSSA layers with a tied projection (DEPICT) in ``scope``
+    (see :func:`scope_parameters`)."""
     layers = []
     for prefix, module in _scope_modules(model, scope):
         for name, m in module.named_modules():
@@ -130,6 +143,12 @@ def orthogonal_transform_(model: nn.Module, mode: str, scope: str = 'head',
     """Rotate ``U`` (``in_proj.weight``, ``(H·p, d)``) of every tied MSSA layer in place:
     ``'whole'``: ``U ← Q U`` with ``Q ∈ O(H·p)``; ``'per_head'``: ``U_h ← Q_h U_h`` with
     ``Q_h ∈ O(p)`` per head (a block-diagonal ``Q``). One independent ``Q`` per layer.
+
+    Args:
+        model: the model.
+        mode: ``'whole'`` or ``'per_head'``.
+        scope: where the layers are looked for (see :func:`scope_parameters`).
+        generator: a seeded CPU ``torch.Generator``.
 
     Returns:
         the number of layers transformed; ``ValueError`` when there is none.

@@ -27,7 +27,12 @@ def new_figure(width: float, height: float) -> Figure:
 
 def to_rgb_image(inputs: Tensor, bgr: bool = True) -> np.ndarray:
     """A pipeline's packed ``(3, H, W)`` image tensor (``uint8``, BGR as mmcv loads it)
-    -> ``(H, W, 3)`` RGB ``uint8``."""
+    -> ``(H, W, 3)`` RGB ``uint8``.
+
+    Args:
+        inputs: ``(C, H, W)`` tensor.
+        bgr: the channels are BGR (mmcv's ``LoadImageFromFile``) and are flipped.
+    """
     img = inputs.detach().cpu()
     if img.dtype != torch.uint8:
         img = img.clamp(0, 255).round().to(torch.uint8)
@@ -48,7 +53,14 @@ def upsample_grid(grid: Tensor, input_shape: Sequence[int],
 def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.7,
                  cmap: str = 'inferno') -> np.ndarray:
     """``heat`` (same ``H × W`` as ``image``) scaled to [0, 1] per map, coloured with
-    ``cmap`` and blended over the grey version of ``image``."""
+    ``cmap`` and blended over the grey version of ``image``.
+
+    Args:
+        image: ``(H, W, 3)`` RGB ``uint8``.
+        heat: ``(H, W)`` values.
+        alpha: weight of the colour.
+        cmap: a matplotlib colormap name.
+    """
     heat = heat.astype(np.float64)
     lo, hi = float(heat.min()), float(heat.max())
     norm = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
@@ -59,7 +71,7 @@ def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.7,
 
 def label_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.55) -> np.ndarray:
     """Integer ``labels`` (``H × W``) drawn in distinct colours (tab20, cycled) over
-    ``image``."""
+    ``image`` (``(H, W, 3)`` RGB ``uint8``) with weight ``alpha``."""
     palette = (np.asarray(matplotlib.colormaps['tab20'].colors) * 255.0)
     colour = palette[np.asarray(labels, dtype=np.int64) % len(palette)]
     return (alpha * colour + (1 - alpha) * image).clip(0, 255).astype(np.uint8)

@@ -116,7 +116,13 @@ def build_dataloader(cfg: Config, split: str = 'test', num_images: Optional[int]
 
 
 def iter_batches(dataloader, num_images: Optional[int] = None) -> Iterator[dict]:
-    """Batches of ``dataloader`` until ``num_images`` images were yielded (all: ``None``)."""
+    """Batches of ``dataloader`` until ``num_images`` images were yielded (the last batch
+    is cut if needed).
+
+    Args:
+        dataloader: any iterable of ``{'inputs': [...], ...}`` batches.
+        num_images: images wanted (``None``: all).
+    """
     seen = 0
     for batch in dataloader:
         if num_images is not None and seen >= num_images:
@@ -146,6 +152,13 @@ def single_image_batch(cfg: Config, image: Optional[str] = None, index: Optional
     annotation loading; else the dataset item ``index`` (default 0, ground truth
     included). ``size=(H, W)`` replaces the pipeline's geometric steps by an exact
     resize to ``H × W``.
+
+    Args:
+        cfg: the config.
+        image: path of an image file, or ``None``.
+        index: dataset index (``None``: 0), when no ``image`` is given.
+        size: ``(H, W)`` or ``None``.
+        split: ``'test'`` or ``'val'`` (whose pipeline / dataset is used).
     """
     if image is not None and index is not None:
         raise ValueError('give an image file or a dataset index, not both')
@@ -179,7 +192,12 @@ def single_image_batch(cfg: Config, image: Optional[str] = None, index: Optional
 def forward_tensor(model: nn.Module, batch: dict) -> dict:
     """Preprocess a dataloader batch with the model's data preprocessor and run the plain
     forward (``mode='tensor'``). Returns the preprocessed ``{'inputs', 'data_samples'}``
-    (the network's own output is not needed by the analyses)."""
+    (the network's own output is not needed by the analyses).
+
+    Args:
+        model: an mmseg segmentor or mmpretrain classifier (or their wrappers).
+        batch: a dataloader batch.
+    """
     model = unwrap(model)
     data = model.data_preprocessor(batch, False)
     model(data['inputs'], data.get('data_samples'), mode='tensor')

@@ -84,6 +84,15 @@ def grid_to_image(grid: Tensor, input_shape: Sequence[int], img_shape: Sequence[
     bottom/right padding, as in mmseg's ViT), else stretched (nearest); the part that
     covers the image (``img_shape``, before padding) is kept and resized (nearest) to
     ``ori_shape`` — where mmseg evaluates.
+
+    Args:
+        grid: ``(h, w)`` values on the patch grid (labels or map values).
+        input_shape: ``(H_in, W_in)`` of the network input the grid covers.
+        img_shape: ``(H, W)`` of the image inside that input (before padding).
+        ori_shape: ``(H_o, W_o)`` to resize to.
+
+    Returns:
+        ``(H_o, W_o)``, ``grid``'s dtype.
     """
     h, w = grid.shape[-2:]
     in_h, in_w = int(input_shape[0]), int(input_shape[1])
@@ -151,6 +160,10 @@ def grid_partition(h: int, w: int, parts: int) -> Tensor:
     """A regular partition of an ``h × w`` patch grid into about ``parts`` blocks
     (``s_h × s_w`` cells following the grid's aspect, the cells of adaptive pooling):
     the reference partition a clustering with ``parts`` parts is compared with.
+
+    Args:
+        h, w: patch grid.
+        parts: number of blocks wanted (about ``s_h · s_w``).
 
     Returns:
         ``(h, w)`` long block labels.
