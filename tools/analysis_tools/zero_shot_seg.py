@@ -68,8 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='layer of the attention-mass reading, <group>.<i> (default: '
                         'the backbone\'s last layer with a CLS row)')
     parser.add_argument('--cluster-layer', default=None,
-                        help='layer of the clustering reading (default: the last layer with '
-                        'clusters)')
+                        help='layer of the clustering reading (default: the backbone\'s last '
+                        'layer with clusters, else the last layer with clusters)')
     parser.add_argument('--query', choices=QUERY_MODES, default='auto',
                         help='row of the token-to-token maps (see visualize_attention.py)')
     parser.add_argument('--seg-data', default=None,
