@@ -1,6 +1,7 @@
 from .version import __version__
 from . import models  # noqa: F401,E402  (registers mmcbsa modules into mmseg/mmpretrain)
 from . import engine  # noqa: F401,E402  (registers the Lion optimizer into mmengine)
+from . import analysis  # noqa: F401,E402  (registers CodingRateHook into mmengine's HOOKS)
 from .model_index import register_model_index  # noqa: E402
 from .utils import register_mmengine_safe_globals  # noqa: E402
 

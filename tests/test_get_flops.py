@@ -230,8 +230,9 @@ def test_get_flops_cli_mmseg_config(capsys):
     ([str(CLS_CFG), '--shape', '0', '64'], 'must be positive'),
     ([str(CLS_CFG), '--shape', '1', '2', '3'], '--shape takes H W'),
 ])
-def test_get_flops_cli_user_errors_are_one_line(argv, message):
+def test_get_flops_cli_user_errors_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         _cli().main(argv)
-    text = str(exc.value.code)
-    assert message in text and '\n' not in text and text.startswith('get_flops.py: error:')
+    assert exc.value.code == 2
+    text = capsys.readouterr().err
+    assert message in text and text.count('\n') == 1 and text.startswith('get_flops.py: error:')

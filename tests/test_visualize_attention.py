@@ -1,4 +1,6 @@
 """CBSA attention recording and tools/analysis_tools/visualize_attention.py."""
+import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,22 +38,33 @@ def test_recorded_attention_is_the_extraction_softmax():
 
 
 def test_tool_draws_one_row_per_head(tmp_path):
+    """The command line: an image file at an exact size, the last layer, one row per head
+    (image, CLS row of AᵀA, 3 representatives, clusters), the image itself first."""
     rng = np.random.default_rng(0)
     image = np.zeros((48, 64, 3), np.uint8)
     image[:] = (40, 160, 40)
     cv2.circle(image, (30, 22), 12, (0, 0, 220), -1)
     image = np.clip(image + rng.integers(0, 20, image.shape), 0, 255).astype(np.uint8)
-    img_path, out = tmp_path / 'img.png', tmp_path / 'vis' / 'attn.png'
+    img_path, out = tmp_path / 'img.png', tmp_path / 'vis'
     cv2.imwrite(str(img_path), image)
     cfg = REPO / 'configs/cbt/cbt-nano-p8_1xb8-lion-2e_mini-in1k-64px.py'
     proc = subprocess.run(
         [sys.executable, str(REPO / 'tools/analysis_tools/visualize_attention.py'), str(cfg),
-         str(img_path), '--num-reps', '3', '--out', str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+         '--image', str(img_path), '--size', '48', '64', '--layers', '-1', '--num-rows', '3',
+         '--out-dir', str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    drawn = cv2.imread(str(out))
+    assert '1 layers drawn (backbone.1)' in proc.stdout
+    drawn = cv2.imread(str(out / 'attention_backbone.1.png'))
     assert drawn is not None
-    heads = int(proc.stdout.split('layer -1: ')[1].split(' heads')[0])
-    assert drawn.shape == (heads * 48, (1 + 3) * 64, 3)
-    # the first tile of each row is the input image itself
-    np.testing.assert_array_equal(drawn[:48, :64], image)
+    # tiles of 84 x 112 (longer side 112), 2-px gaps, a 16-px title, a 14-px header and a
+    # 44-px row-label band; 2 heads x (image, CLS row, 3 representatives, clusters)
+    assert drawn.shape == (16 + 14 + 2 * (84 + 2), 44 + 6 * (112 + 2), 3)
+    expected = cv2.resize(image, (112, 84), interpolation=cv2.INTER_NEAREST)
+    for head in range(2):
+        y = 30 + head * 86
+        np.testing.assert_array_equal(drawn[y:y + 84, 44:44 + 112], expected)
+    rows = list(csv.DictReader(open(out / 'attention_maps.csv')))
+    assert {(r['map'], r['head']) for r in rows} == {
+        (m, h) for m in ('cls', 'reps', 'clusters') for h in ('0', '1')}

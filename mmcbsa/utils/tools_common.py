@@ -1,18 +1,25 @@
 """What tools/train.py and tools/test.py share: the runner-related command-line options,
 loading a config with those options applied, and building mmengine's Runner with the
-CPU (gloo) distributed path of :mod:`mmcbsa.utils.dist`, and :func:`user_errors`
-(one-line errors for the command-line tools).
+CPU (gloo) distributed path of :mod:`mmcbsa.utils.dist`; and what every command-line tool
+shares: one error policy (:func:`user_errors`, :func:`cli_main`) and, for the analysis
+tools, one command-line shape and CSV writing.
 """
 import argparse
 import contextlib
+import csv
+import functools
 import os
 import os.path as osp
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 
 from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 from .dist import CPUDistributedRunner, setup_cpu_distributed
+
+T = TypeVar('T')
 
 
 def add_runner_args(parser: argparse.ArgumentParser) -> None:
@@ -69,14 +76,75 @@ def build_runner(cfg: Config) -> Runner:
 
 @contextlib.contextmanager
 def user_errors(prog: str):
-    """Turn a user's mistake (missing file, impossible value, unknown registry name)
-    into one clear line on stderr and exit status 1 instead of a traceback::
+    """Turn a user's mistake (a missing file, an impossible value, an unknown name) into
+    one line ``PROG: error: ...`` on stderr and exit status 2 (argparse's status for a
+    usage error) instead of a traceback::
 
         with user_errors('get_flops.py'):
             ...
     """
     try:
         yield
-    except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
+    except (FileNotFoundError, ValueError, KeyError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        raise SystemExit(f'{prog}: error: {msg}') from None
+        print(f'{prog}: error: {msg}', file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# ---------------------------------------------------------------------------------------
+# analysis tools (tools/analysis_tools/{coding_rate,visualize_attention,zero_shot_seg,
+# perturb_robustness}.py): one command-line shape and one error policy
+# ---------------------------------------------------------------------------------------
+
+
+def add_analysis_args(parser: argparse.ArgumentParser) -> None:
+    """``CONFIG [--checkpoint CKPT] --out-dir DIR [--device D] [--cfg-options ...]``."""
+    parser.add_argument('config', help='mmseg or mmpretrain config')
+    parser.add_argument('--checkpoint', default=None,
+                        help='weights; without it, the config\'s initialisation (seeded), '
+                        'e.g. to compare trained against untrained')
+    parser.add_argument('--out-dir', required=True, help='directory for the CSV and PNG files')
+    parser.add_argument('--device', default='cpu',
+                        help="'cpu' (default), 'cuda' / 'cuda:N', or 'auto' (CUDA if present)")
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override settings of the config, key=value pairs (e.g. '
+        'test_dataloader.dataset.data_root=data/mini_ade20k)')
+
+
+def load_analysis_config(args: argparse.Namespace) -> Config:
+    """The config of an analysis tool with ``--cfg-options`` applied; checks that the
+    config and ``--checkpoint`` exist and creates ``--out-dir``."""
+    if not osp.isfile(args.config):
+        raise FileNotFoundError(f'config file not found: {args.config}')
+    if getattr(args, 'checkpoint', None) and not osp.isfile(args.checkpoint):
+        raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    os.makedirs(args.out_dir, exist_ok=True)
+    return cfg
+
+
+def write_csv(path: str, rows: List[Dict[str, object]]) -> None:
+    """Rows (dicts with the same keys, in order) -> a CSV file with a header line."""
+    if not rows:
+        raise ValueError(f'nothing to write to {path}')
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def cli_main(fn: Callable[[Optional[Sequence[str]]], T]) -> Callable[..., T]:
+    """Decorate a tool's ``main(argv)`` with :func:`user_errors` (the program name is
+    the tool's file name)."""
+
+    @functools.wraps(fn)
+    def wrapper(argv: Optional[Sequence[str]] = None) -> T:
+        with user_errors(osp.basename(fn.__code__.co_filename)):
+            return fn(argv)
+
+    return wrapper

@@ -1,6 +1,8 @@
 """Standard multi-head softmax self-attention through PyTorch SDPA: the baseline
 every mmcbsa mechanism is compared against."""
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
+
+import torch
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,7 +24,12 @@ class MHSA(BaseModule):
         attn_drop: dropout on the attention weights (training only).
         proj_drop: dropout after the output projection.
 
-    Shapes: ``x (B, N, C) -> (B, N, C)``; ``hw_shape`` is accepted and unused.
+    Recording (analysis, ``mmcbsa.analysis``): set ``record_attention = True`` and each
+    forward keeps, detached, ``last_attention`` ``(B, H, N, N)`` = ``softmax(q kᵀ / √p)``
+    (before attention dropout) and ``last_hw_shape`` (the ``hw_shape`` it was given, or
+    ``None``); the softmax is then computed explicitly instead of through SDPA.
+
+    Shapes: ``x (B, N, C) -> (B, N, C)``; ``hw_shape`` is only recorded.
     """
 
     def __init__(self, embed_dims: int, num_heads: int, qkv_bias: bool = True,
@@ -35,11 +42,22 @@ class MHSA(BaseModule):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(embed_dims, embed_dims)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.record_attention = False
+        self.last_attention: Optional[Tensor] = None
+        self.last_hw_shape: Optional[Tuple[int, int]] = None
 
     def forward(self, x: Tensor, hw_shape: Optional[Sequence[int]] = None) -> Tensor:
         check_input_width(x, self.embed_dims, 'MHSA')
         b, n, _ = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dims).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(
-            qkv[0], qkv[1], qkv[2], dropout_p=self.attn_drop if self.training else 0.)
+        drop = self.attn_drop if self.training else 0.
+        if self.record_attention:  # the same softmax, written out so it can be kept
+            attn = torch.softmax((qkv[0] @ qkv[1].transpose(-2, -1)) * self.head_dims**-0.5,
+                                 dim=-1)
+            self.last_attention = attn.detach()
+            self.last_hw_shape = None if hw_shape is None else (int(hw_shape[0]),
+                                                                int(hw_shape[1]))
+            out = F.dropout(attn, drop, self.training) @ qkv[2]
+        else:
+            out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], dropout_p=drop)
         return self.proj_drop(self.proj(merge_heads(out)))

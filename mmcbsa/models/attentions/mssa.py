@@ -1,6 +1,6 @@
 """Multi-head Subspace Self-Attention (CRATE, SPEC §2) and its tied-projection
 form used by the DEPICT decoders (SPEC §3)."""
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -35,6 +35,12 @@ class MSSA(BaseModule):
         attn_drop: dropout on attention weights (training only).
         proj_drop: dropout on the output.
 
+    Recording (analysis, ``mmcbsa.analysis``): set ``record_attention = True`` and each
+    forward keeps, detached, ``last_attention`` ``(B, H, N, L)`` =
+    ``softmax(w_q w_kᵀ / √p)`` (``L = N`` without ``context``; before attention dropout)
+    and ``last_hw_shape`` (the ``hw_shape`` it was given, or ``None``). The softmax is
+    then computed explicitly instead of through SDPA (same result, more memory).
+
     Shapes: ``x (B, N, C)``, ``context (B, L, C)`` -> ``(B, N, C)``.
     """
 
@@ -54,6 +60,9 @@ class MSSA(BaseModule):
             self.step_size = nn.Parameter(torch.randn(1))  # γ
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
+        self.record_attention = False
+        self.last_attention: Optional[Tensor] = None
+        self.last_hw_shape: Optional[Tuple[int, int]] = None
 
     def forward(self, x: Tensor, hw_shape: Optional[Sequence[int]] = None,
                 context: Optional[Tensor] = None) -> Tensor:
@@ -63,8 +72,15 @@ class MSSA(BaseModule):
         w = split_heads(self.in_proj(x), self.num_heads)  # (B, H, N, p)
         kv = w if context is None else split_heads(self.in_proj(context), self.num_heads)
         drop = self.attn_drop if self.training else 0.
-        # softmax(w_q w_kᵀ / √p) w_k  — SDPA's default scale is 1/√p.
-        o = merge_heads(F.scaled_dot_product_attention(w, kv, kv, dropout_p=drop))
+        if self.record_attention:  # the same softmax, written out so it can be kept
+            attn = torch.softmax((w @ kv.transpose(-2, -1)) * self.head_dims**-0.5, dim=-1)
+            self.last_attention = attn.detach()
+            self.last_hw_shape = None if hw_shape is None else (int(hw_shape[0]),
+                                                                int(hw_shape[1]))
+            o = merge_heads(F.dropout(attn, drop, self.training) @ kv)
+        else:
+            # softmax(w_q w_kᵀ / √p) w_k  — SDPA's default scale is 1/√p.
+            o = merge_heads(F.scaled_dot_product_attention(w, kv, kv, dropout_p=drop))
         if self.out_proj_mode == 'linear':
             y = self.out_proj(o)
         else:

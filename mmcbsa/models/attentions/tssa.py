@@ -1,5 +1,5 @@
 """Token Statistics Self-Attention (ToST, SPEC §2): linear in the token count."""
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,7 +28,12 @@ class TSSA(BaseModule):
         proj_bias: bias of the output projection.
         proj_drop: dropout on the output.
 
-    Shapes: ``x (B, N, C) -> (B, N, C)``; ``hw_shape`` is accepted and unused.
+    Recording (analysis, ``mmcbsa.analysis``): set ``record_attention = True`` and each
+    forward keeps, detached, ``last_attention`` ``(B, H, N)`` = the group assignment
+    ``π`` (``π[b, h, n]``: share of token ``n`` in group/head ``h``; sums to 1 over
+    ``h``) and ``last_hw_shape`` (the ``hw_shape`` it was given, or ``None``).
+
+    Shapes: ``x (B, N, C) -> (B, N, C)``; ``hw_shape`` is only recorded.
     """
 
     def __init__(self, embed_dims: int, num_heads: int, head_dims: Optional[int] = None,
@@ -42,6 +47,9 @@ class TSSA(BaseModule):
         self.temp = nn.Parameter(torch.ones(num_heads))  # τ
         self.out_proj = nn.Linear(inner, embed_dims, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.record_attention = False
+        self.last_attention: Optional[Tensor] = None
+        self.last_hw_shape: Optional[Tuple[int, int]] = None
 
     def forward(self, x: Tensor, hw_shape: Optional[Sequence[int]] = None) -> Tensor:
         check_input_width(x, self.embed_dims, 'TSSA')
@@ -57,6 +65,10 @@ class TSSA(BaseModule):
         block = (inv_norm2.unsqueeze(-1) * eye.view(1, heads, 1, heads)).view(b, heads * p, heads)
         score = torch.bmm(w2.view(b, n, heads * p), block)  # (B, N, H)
         pi = torch.softmax(score * self.temp.to(score.dtype), dim=-1)  # over heads
+        if self.record_attention:
+            self.last_attention = pi.detach().transpose(1, 2)  # (B, H, N)
+            self.last_hw_shape = None if hw_shape is None else (int(hw_shape[0]),
+                                                                int(hw_shape[1]))
         weights = pi / (pi.sum(1, keepdim=True) + 1e-8)
         # s_h = weights_hᵀ (w_h ⊙ w_h): diagonal blocks of weightsᵀ · w2 (B, H, H·p)
         s = torch.bmm(weights.transpose(1, 2), w2.view(b, n, heads * p))

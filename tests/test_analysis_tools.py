@@ -1,0 +1,326 @@
+"""tools/analysis_tools/{coding_rate,visualize_attention,zero_shot_seg,perturb_robustness}.py
+and CodingRateHook, on a tiny config of each kind: DEPICT segmentor (the quick start's
+model), CBT-head segmentor, CBT classifier, MiTA segmenter — in-process ``main(argv)``,
+synthetic data from tools/misc/make_mini_dataset.py, two images each.
+
+Checks: well-formed CSV with finite values, PNGs that load, the zero-shot readings'
+bookkeeping, ``σ = 0`` reproducing the clean metric exactly through ``Runner.test()``,
+one-line errors for users' mistakes, the hook's scalars in the training log.
+"""
+import csv
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import cv2
+import pytest
+import torch
+from mmengine.config import Config
+
+import mmcbsa  # noqa: F401
+from mmcbsa.analysis.runtime import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = REPO / 'tools' / 'analysis_tools'
+DEPICT = 'configs/depict/depict-sa_vit-tiny-p8_1xb8-300it_mini-ade20k-128x128.py'
+CBT_HEAD = 'configs/cbt/cbt-head_vit-tiny-p8_1xb8-300it_mini-ade20k-128x128.py'
+CBT_CLS = 'configs/cbt/cbt-nano-p8_1xb8-lion-2e_mini-in1k-64px.py'
+MITA = 'configs/cbt/mita-nano_cbt-head_1xb8-mini-ade20k-128x128.py'
+SEGMENTORS = {'depict': DEPICT, 'cbt_head': CBT_HEAD, 'mita': MITA}
+KINDS = {**SEGMENTORS, 'cbt_cls': CBT_CLS}
+# attention layers: mmseg ViT / MiTA encoder (4) + head (2); CBT nano (2)
+NUM_LAYERS = {'depict': 6, 'cbt_head': 6, 'mita': 6, 'cbt_cls': 2}
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f'_tool_{name}', TOOLS / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine two spinning OpenMP threads make
+    these small models many times slower (see README, quick start)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    spec = importlib.util.spec_from_file_location(
+        '_make_mini', REPO / 'tools' / 'misc' / 'make_mini_dataset.py')
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    root = tmp_path_factory.mktemp('analysis_data')
+    maker.main(['--dataset', 'ade20k', '--out', str(root / 'ade'), '--num-train', '1',
+                '--num-val', '2'])
+    maker.main(['--dataset', 'imagenet', '--out', str(root / 'inet'), '--num-classes', '2',
+                '--num-train', '1', '--num-val', '1'])
+    return dict(ade=str(root / 'ade'), inet=str(root / 'inet'))
+
+
+def options(kind, data):
+    """``--cfg-options`` pointing a repository config at the test data."""
+    root = data['inet'] if kind == 'cbt_cls' else data['ade']
+    return ['--cfg-options', f'test_dataloader.dataset.data_root={root}',
+            f'val_dataloader.dataset.data_root={root}', 'test_dataloader.num_workers=0',
+            'test_dataloader.persistent_workers=False']
+
+
+@pytest.fixture(scope='module')
+def configs(data, tmp_path_factory):
+    """Each kind's repository config with those options applied, dumped once as a plain
+    config file (resolving ``mmseg::`` / ``mmpretrain::`` bases takes seconds per load)."""
+    out = tmp_path_factory.mktemp('analysis_configs')
+    paths = {}
+    for kind, path in KINDS.items():
+        cfg = Config.fromfile(REPO / path)
+        root = data['inet'] if kind == 'cbt_cls' else data['ade']
+        for split in ('train', 'val', 'test'):
+            cfg[f'{split}_dataloader'].dataset.data_root = root
+            cfg[f'{split}_dataloader'].num_workers = 0
+            cfg[f'{split}_dataloader'].persistent_workers = False
+        paths[kind] = str(out / Path(path).name)
+        cfg.dump(paths[kind])
+    return paths
+
+
+def read_csv(path):
+    with open(path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert rows, f'{path} is empty'
+    assert all(len(r) == len(rows[0]) and None not in r.values() for r in rows), path
+    return rows
+
+
+def assert_png(path):
+    img = cv2.imread(str(path))
+    assert img is not None and img.ndim == 3 and min(img.shape[:2]) > 50, path
+
+
+def finite(value):
+    return math.isfinite(float(value))
+
+
+@pytest.mark.parametrize('kind', list(KINDS))
+def test_coding_rate_tool(kind, configs, tmp_path, capsys):
+    tool = load_tool('coding_rate')
+    tool.main([configs[kind], '--out-dir', str(tmp_path), '--num-images', '2'])
+    rows = read_csv(tmp_path / 'coding_rate.csv')
+    assert len(rows) == NUM_LAYERS[kind]
+    for r in rows:
+        assert r['weights'] == 'init' and r['images'] == '2'
+        assert finite(r['coding_rate_mean']) and float(r['coding_rate_mean']) > 0
+        assert finite(r['coding_rate_std']) and float(r['coding_rate_std']) >= 0
+        if kind == 'cbt_cls':  # CBSA + ISTA blocks
+            assert r['ista_module'].endswith('.ffn') and 0 < float(r['sparsity_mean']) < 1
+        else:
+            assert r['sparsity_mean'] == ''
+    assert_png(tmp_path / 'coding_rate.png')
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert out.startswith('coding rate, first -> last layer (2 images)')
+
+
+def test_coding_rate_compares_checkpoint_with_init(configs, tmp_path):
+    cfg = Config.fromfile(configs['cbt_cls'])
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.backbone.layers[0].attn.in_proj.parameters():
+            p.mul_(3.0)  # a different model than the initialisation
+    ckpt = tmp_path / 'ckpt.pth'
+    torch.save({'state_dict': model.state_dict()}, ckpt)
+    tool = load_tool('coding_rate')
+    res = tool.main([configs['cbt_cls'], '--checkpoint', str(ckpt), '--compare-init',
+                     '--out-dir', str(tmp_path), '--num-images', '2'])
+    rows = read_csv(tmp_path / 'coding_rate.csv')
+    assert [r['weights'] for r in rows] == ['checkpoint'] * 2 + ['init'] * 2
+    # the scaled projection has the larger coding rate; the untouched layer 1 differs only
+    # through its input
+    ckpt0, init0 = res['checkpoint'][0], res['init'][0]
+    assert ckpt0.coding_rate_mean_std[0] > init0.coding_rate_mean_std[0]
+
+
+@pytest.mark.parametrize('kind', list(KINDS))
+def test_visualize_attention_tool(kind, configs, tmp_path):
+    tool = load_tool('visualize_attention')
+    res = tool.main([configs[kind], '--out-dir', str(tmp_path), '--num-rows', '2'])
+    rows = read_csv(tmp_path / 'attention_maps.csv')
+    layers = sorted({r['layer'] for r in rows})
+    assert layers == sorted(res['labels'][i] for i in res['chosen'])
+    for layer in layers:
+        assert_png(tmp_path / f'attention_{layer}.png')
+    assert_png(tmp_path / 'attention_overview.png')
+    for r in rows:
+        assert all(finite(r[k]) for k in ('min', 'max', 'mean'))
+        if r['entropy']:
+            assert finite(r['entropy']) and float(r['entropy']) >= 0
+    kinds = {(r['layer'].split('.')[0], r['map']) for r in rows}
+    if kind == 'depict':  # mmseg ViT: CLS rows; DEPICT head (150 class tokens): mean rows
+        assert kinds == {('backbone', 'cls'), ('decode_head', 'mean')}
+    elif kind == 'cbt_cls':
+        assert kinds == {('backbone', 'cls'), ('backbone', 'reps'), ('backbone', 'clusters')}
+    else:  # the CBT head (CBSA) draws its representatives and clusters
+        assert {('decode_head', 'reps'), ('decode_head', 'clusters')} <= kinds
+    # softmax rows: the patch part of a probability row
+    for r in rows:
+        if r['map'] in ('cls', 'mean') and r['type'] != 'CBSA':
+            assert 0 <= float(r['min']) and float(r['max']) <= 1
+
+
+def test_visualize_attention_image_size_and_selection(data, configs, tmp_path, capsys):
+    # the repository config itself, with --cfg-options
+    tool = load_tool('visualize_attention')
+    image = next((Path(data['ade']) / 'images' / 'validation').glob('*.jpg'))
+    res = tool.main([DEPICT, '--out-dir', str(tmp_path), '--image', str(image), '--size',
+                     '64', '96', '--layers', 'backbone.-1', '0', '--heads', '1',
+                     *options('depict', data)])
+    assert res['image'].shape == (64, 96, 3)
+    assert [res['labels'][i] for i in res['chosen']] == ['backbone.3', 'backbone.0']
+    rec = res['records'][res['chosen'][0]]
+    assert rec.hw_shape == (8, 12) and rec.maps['cls'].shape == (1, 3, 1, 8, 12)
+    rows = read_csv(tmp_path / 'attention_maps.csv')
+    assert {(r['layer'], r['head']) for r in rows} == {('backbone.3', '1'), ('backbone.0', '1')}
+    with pytest.raises(SystemExit) as err:
+        tool.main([configs['depict'], '--out-dir', str(tmp_path), '--heads', '7'])
+    assert err.value.code == 2
+    assert 'has 3 heads' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('kind', list(SEGMENTORS))
+def test_zero_shot_seg_tool(kind, configs, tmp_path):
+    tool = load_tool('zero_shot_seg')
+    res = tool.main([configs[kind], '--out-dir', str(tmp_path), '--background-classes',
+                     'wall', 'sky', 'floor'])
+    rows = read_csv(tmp_path / 'zero_shot_seg.csv')
+    readings = {r['reading'] for r in rows}
+    assert {'all-foreground', 'attention-mass'} <= readings
+    if kind != 'depict':  # CBSA in the head: clusters per head, and the grid baseline
+        assert {'clusters', 'grid-parts'} <= readings
+        assert sum(r['reading'] == 'clusters' for r in rows) == 3
+    for r in rows:
+        assert r['images'] == '2'
+        for key in ('IoU.background', 'IoU.foreground', 'mIoU', 'aAcc'):
+            assert 0 <= float(r[key]) <= 100
+    assert res['all-foreground']['IoU.background'] == 0
+    assert_png(tmp_path / 'zero_shot_seg.png')
+    masks = sorted((tmp_path / 'masks').glob('*_attention-mass.png'))
+    assert len(masks) == 2
+    mask = cv2.imread(str(masks[0]), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == (128, 128) and set(mask.flatten().tolist()) <= {0, 255}
+
+
+def test_zero_shot_seg_classifier_needs_masks(configs, tmp_path, capsys):
+    tool = load_tool('zero_shot_seg')
+    with pytest.raises(SystemExit) as err:
+        tool.main([configs['cbt_cls'], '--out-dir', str(tmp_path)])
+    assert err.value.code == 2
+    assert 'needs ground-truth masks' in capsys.readouterr().err
+    # with an mmseg config's images and masks, the classifier's CLS maps are read
+    res = tool.main([configs['cbt_cls'], '--out-dir', str(tmp_path), '--seg-data',
+                     configs['depict'], '--background-classes', 'wall', 'sky', 'floor'])
+    assert {'attention-mass', 'grid-parts', 'clusters/head0', 'clusters/head1'} <= set(res)
+    with pytest.raises(SystemExit):
+        tool.main([configs['depict'], '--out-dir', str(tmp_path), '--background-classes',
+                   'lava'])
+    assert "unknown class 'lava'" in capsys.readouterr().err
+
+
+def _confident_checkpoint(config, kind, path):
+    """A model of ``kind`` whose predictions are partly right (so that the clean metric is
+    not 0): segmentors predict class 0 (wall) everywhere through the mask LayerNorm's
+    bias, the classifier predicts class 0 through the head's bias."""
+    model = build_model(Config.fromfile(config))
+    with torch.no_grad():
+        if kind == 'cbt_cls':
+            model.head.fc.bias.zero_()[0] = 10.0
+        else:
+            norm = model.decode_head.mask_norm
+            norm.weight.zero_()
+            norm.bias.zero_()[0] = 1.0
+    torch.save({'state_dict': model.state_dict()}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize('kind', list(KINDS))
+def test_perturb_robustness_tool(kind, configs, tmp_path):
+    tool = load_tool('perturb_robustness')
+    ckpt = _confident_checkpoint(configs[kind], kind, tmp_path / 'model.pth')
+    argv = [configs[kind], '--checkpoint', ckpt, '--out-dir', str(tmp_path), '--sigmas', '0',
+            '1', '--seeds', '1']
+    if kind == 'depict':
+        argv += ['--orthogonal']
+    if kind == 'cbt_head':  # noise on the CBSA projections U only
+        argv += ['--params', r'decode_head\.layers\.\d+\.attn\.in_proj']
+    rows = tool.main(argv)
+    assert [{k: str(v) for k, v in r.items()} for r in rows] == read_csv(
+        tmp_path / 'perturb_robustness.csv')
+    key = 'accuracy/top1' if kind == 'cbt_cls' else 'mIoU'
+    assert {r['metric'] for r in rows} == {key}
+    clean = rows[0]
+    assert clean['transform'] == 'none' and float(clean['value']) > 0
+    zero = [r for r in rows if r['transform'] == 'gaussian' and float(r['sigma']) == 0]
+    assert zero and all(r['value'] == clean['value'] for r in zero)  # σ = 0: exactly clean
+    assert all(finite(r['value']) for r in rows)
+    if kind == 'depict':
+        assert {r['mode'] for r in rows if r['transform'] == 'orthogonal'} == {'whole',
+                                                                              'per_head'}
+    if kind == 'cbt_head':
+        assert {r['params'] for r in rows if r['transform'] == 'gaussian'} == {
+            r'decode_head\.layers\.\d+\.attn\.in_proj'}
+    assert_png(tmp_path / 'perturb_robustness.png')
+
+
+def test_perturb_robustness_refuses_orthogonal_without_depict(configs, tmp_path, capsys):
+    tool = load_tool('perturb_robustness')
+    with pytest.raises(SystemExit) as err:
+        tool.main([configs['cbt_head'], '--out-dir', str(tmp_path), '--orthogonal',
+                   '--sigmas', '0'])
+    assert err.value.code == 2 and 'DEPICT' in capsys.readouterr().err
+
+
+def test_coding_rate_hook_logs_scalars(configs, tmp_path):
+    from mmengine.runner import Runner
+    cfg = Config.fromfile(configs['depict'])
+    cfg.work_dir = str(tmp_path)
+    cfg.train_dataloader.batch_size = 1
+    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=2, val_interval=100)
+    cfg.param_scheduler = []
+    cfg.default_hooks.logger.interval = 1
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=100)
+    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None  # training only
+    cfg.custom_hooks = [dict(type='CodingRateHook', interval=1, num_images=1, split='test')]
+    # a visualizer of its own (mmengine keeps instances by name across runners)
+    cfg.visualizer.name = f'coding_rate_hook_test_{tmp_path.name}'
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    scalars = list((tmp_path).glob('*/vis_data/scalars.json'))
+    assert len(scalars) == 1
+    records = [json.loads(line) for line in scalars[0].read_text().splitlines()]
+    # the initialisation at step 0 (written by the hook), then LoggerHook's two lines
+    assert [r['step'] for r in records] == [0, 1, 2]
+    assert 'loss' not in records[0] and all('loss' in r for r in records[1:])
+    keys = [f'coding_rate/backbone.{i}' for i in range(4)] + ['coding_rate/decode_head.0',
+                                                              'coding_rate/decode_head.1']
+    for r in records:
+        assert all(math.isfinite(r[key]) and r[key] > 0 for key in keys), r
+    # one more step of training moved the weights, so the values changed
+    assert records[2][keys[0]] != records[0][keys[0]]
+    log = next(tmp_path.glob('*/*.log')).read_text()
+    assert 'coding_rate/decode_head.0' in log and 'CodingRateHook: after 2 iterations' in log
+
+
+@pytest.mark.cuda
+def test_tools_on_cuda(configs, tmp_path):
+    load_tool('coding_rate').main([configs['depict'], '--out-dir', str(tmp_path),
+                                   '--num-images', '2', '--device', 'cuda'])
+    assert len(read_csv(tmp_path / 'coding_rate.csv')) == NUM_LAYERS['depict']
+    ckpt = _confident_checkpoint(configs['depict'], 'depict', tmp_path / 'model.pth')
+    rows = load_tool('perturb_robustness').main([
+        configs['depict'], '--checkpoint', ckpt, '--out-dir', str(tmp_path), '--sigmas', '0',
+        '0.1', '--seeds', '1', '--orthogonal', '--device', 'cuda'])
+    assert rows[1]['value'] == rows[0]['value']
