@@ -252,6 +252,126 @@ def test_mmpretrain_attention_map_from_its_qkv():
     torch.testing.assert_close(rec.projection, qkv[None, :, 16:])
 
 
+def _ref_pool(t, h, w, grid):
+    """``(N_patch, C)`` row-major patches -> ``(s_h·s_w, C)`` windowed means (torch's
+    adaptive-pooling windows ``[floor(i·h/s), ceil((i+1)·h/s))``)."""
+    img, (sh, sw) = t.reshape(h, w, -1), grid
+    rows = []
+    for i in range(sh):
+        for j in range(sw):
+            win = img[(i * h) // sh:-(-((i + 1) * h) // sh), (j * w) // sw:-(-((j + 1) * w) // sw)]
+            rows.append(win.reshape(-1, t.shape[-1]).mean(0))
+    return torch.stack(rows)
+
+
+def _ref_adapted_cls(qkv, heads, prefix, h, w, grid):
+    """CLS row over the patches of ``softmax_reps(q Q0ᵀ/√p) softmax_tokens(Q0 kᵀ/√p)``
+    per head (docs/mechanisms.md §8), from one image's ``qkv`` ``(N, 3C)``."""
+    c = qkv.shape[-1] // 3
+    p = c // heads
+    q_all, k_all = qkv[:, :c], qkv[:, c:2 * c]
+    reps = _ref_pool(q_all[prefix:], h, w, grid)  # pooled over all C channels
+    rows = []
+    for hd in range(heads):
+        sl = slice(hd * p, (hd + 1) * p)
+        q, k, r = q_all[:, sl], k_all[:, sl], reps[:, sl]
+        contract = torch.softmax(r @ k.T / math.sqrt(p), dim=-1)  # (m, N)
+        bcast = torch.softmax(q @ r.T / math.sqrt(p), dim=-1)  # (N, m)
+        rows.append(_patch_map(bcast[0] @ contract, prefix, h, w))
+    return torch.stack(rows)
+
+
+def test_adapted_cbsa_capture_is_its_effective_attention():
+    torch.manual_seed(0)
+    attn = SEG_MODELS.build(dict(type='AdaptedCBSA', embed_dims=12, num_heads=3,
+                                 num_reps=(2, 3))).eval()
+    x = _tokens(2, 1, 4, 6, 12, seed=3)
+    with torch.no_grad(), AttentionCapture(attn) as cap:
+        attn(x, hw_shape=(4, 6))
+    (rec, ) = cap.layers
+    assert rec.query == 'cls' and set(rec.maps) == {'cls', 'reps', 'clusters'}
+    assert rec.maps['reps'].shape == (2, 3, 6, 4, 6)
+    qkv = x @ attn.qkv.weight.T + attn.qkv.bias
+    for b in range(2):
+        torch.testing.assert_close(rec.maps['cls'][b, :, 0],
+                                   _ref_adapted_cls(qkv[b], 3, 1, 4, 6, (2, 3)),
+                                   rtol=0, atol=1e-6)
+    torch.testing.assert_close(rec.projection, qkv[..., 24:])  # the value part
+
+
+@pytest.mark.parametrize('gate', [False, True])
+def test_mita_capture_experts_routed_keys_and_values(gate):
+    torch.manual_seed(0)
+    attn = SEG_MODELS.build(dict(type='MiTA', embed_dims=8, num_heads=2, num_landmarks=4,
+                                 topk=5, dwc=gate, gate=gate)).eval()
+    x = _tokens(1, 1, 4, 6, 8, seed=4)
+    with torch.no_grad(), AttentionCapture(attn) as cap:
+        attn(x, hw_shape=(4, 6))
+    (rec, ) = cap.layers
+    proj = attn.qkvg if gate else attn.qkv
+    out = x[0] @ proj.weight.T + proj.bias
+    c, p = 8, 4
+    q_all, k_all = out[:, :c], out[:, c:2 * c]
+    reps = _ref_pool(q_all[1:], 4, 6, (2, 2))
+    for hd in range(2):
+        sl = slice(hd * p, (hd + 1) * p)
+        q, k, r = q_all[:, sl], k_all[:, sl], reps[:, sl]
+        expert = (q @ r.T).argmax(-1)  # the gate of every token
+        torch.testing.assert_close(rec.maps['clusters'][0, hd, 0], _patch_map(expert, 1, 4, 6))
+        for e in range(4):  # each landmark expert's 5 routed keys, as an indicator
+            keys = torch.zeros(25)
+            keys[(r[e] @ k.T).topk(5).indices] = 1
+            torch.testing.assert_close(rec.maps['routed_keys'][0, hd, e],
+                                       _patch_map(keys, 1, 4, 6))
+    torch.testing.assert_close(rec.projection[0], out[:, 2 * c:3 * c])  # the values
+
+
+def _qkv_inputs(module, batch_first):
+    """Record the input of ``module`` (its ``query`` / first argument)."""
+    seen = []
+
+    def hook(mod, args, kwargs):
+        seen.append(kwargs.get('query', args[0] if args else None))
+
+    return seen, module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize('library', ['mmpretrain', 'mmseg'])
+def test_adapted_vit_capture_reads_the_adapted_attention(library):
+    from mmengine.registry import DefaultScope
+    from mmpretrain.registry import MODELS as PRETRAIN_MODELS
+    registry = PRETRAIN_MODELS if library == 'mmpretrain' else SEG_MODELS
+    if library == 'mmpretrain':
+        cfg = dict(arch=dict(embed_dims=16, num_layers=2, num_heads=2,
+                             feedforward_channels=32), out_type='featmap')
+    else:
+        cfg = dict(embed_dims=16, num_layers=2, num_heads=2, mlp_ratio=2)
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope(library):
+        vit = registry.build(dict(type='AdaptedVisionTransformer', img_size=(64, 96),
+                                  patch_size=16, adapt_layers=[-1],
+                                  adapt_cfg=dict(num_reps=(2, 2)), **cfg))
+    vit.eval()  # (the libraries' ViT.train() returns None: no chaining)
+    inner = vit.layers[1].attn.attn if library == 'mmseg' else vit.layers[1].attn.qkv
+    seen, handle = _qkv_inputs(inner, batch_first=False)
+    with torch.no_grad(), AttentionCapture(vit) as cap:
+        vit(torch.randn(1, 3, 64, 96))
+    handle.remove()
+    assert len(cap.layers) == 2  # one record per layer, adapted or not
+    rec = cap.layers[1]
+    assert rec.hw_shape == (4, 6) and rec.query == 'cls' and 'reps' in rec.maps
+    if library == 'mmseg':
+        tokens = seen[-1] if inner.batch_first else seen[-1].transpose(0, 1)
+        qkv = tokens[0] @ inner.in_proj_weight.T + inner.in_proj_bias
+    else:
+        qkv = seen[-1][0] @ inner.weight.T + inner.bias
+    torch.testing.assert_close(rec.maps['cls'][0, :, 0],
+                               _ref_adapted_cls(qkv, 2, 1, 4, 6, (2, 2)), rtol=0, atol=1e-6)
+    torch.testing.assert_close(rec.projection[0], qkv[:, 32:])
+    # the plain layer 0 keeps its softmax map (not the adapted one)
+    assert set(cap.layers[0].maps) == {'cls'}
+
+
 def test_capture_in_a_backbone_labels_layers_and_ista():
     vit = SEG_MODELS.build(dict(
         type='WhiteBoxViT', arch=dict(base='cbt-tiny', embed_dims=16, num_layers=2,

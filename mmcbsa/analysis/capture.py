@@ -19,9 +19,10 @@ is measured; the reference ``crate_hook.py`` hooks CRATE's single projection ``U
 module                                     projection
 =========================================  ==============================================
 ``CBSA``, ``MSSA``, ``TSSA``               ``x Uᵀ`` (``in_proj``; query = key = value)
-``MHSA``, ``MiTA``, ``AdaptedCBSA``,       the **value** part of ``qkv(x)``: each head's
-mmpretrain ``MultiheadAttention``,         output is a mixture of its values, so the value
-torch ``nn.MultiheadAttention`` (mmseg)    subspaces play the role of CRATE's ``U_h``
+``MHSA``, ``MiTA``, ``AdaptedCBSA``,       the **value** part of ``qkv(x)`` (``qkvg`` in
+mmpretrain ``MultiheadAttention``,         gated MiTA): each head's output is a mixture
+torch ``nn.MultiheadAttention`` (mmseg),   of its values, so the value subspaces play
+the adapted ViTs' layers                   the role of CRATE's ``U_h``
 ``PrimalAttention``                        the query part of ``qk(x)`` (it has no values)
 =========================================  ==============================================
 
@@ -36,7 +37,8 @@ patches are the last ``h·w`` tokens — prefix layout, as in mmcbsa and the ViT
   the layer has exactly one prefix token (or ``query='cls'``). Otherwise ``'mean'``:
   the mean over the patch queries (how much attention each patch receives). Softmax
   attention: its ``N × N`` softmax. CBSA: ``AᵀA`` (the reference ``return_attn``).
-  AdaptedCBSA: ``softmax_reps(q Q0ᵀ) · softmax_tokens(Q0 kᵀ)``.
+  AdaptedCBSA and the adapted layers of ``AdaptedVisionTransformer`` (mmpretrain and
+  mmseg): ``softmax_reps(q Q0ᵀ) · softmax_tokens(Q0 kᵀ)``.
 * ``'reps'`` (CBSA, AdaptedCBSA) — each representative's extraction row ``A[r]``, ``K = m``.
 * ``'clusters'`` — a partition of the patches (integer labels, ``K = 1``): CBSA
   ``argmax_r A[r, n]`` per head; MiTA the expert of each token per head; TSSA the
@@ -220,6 +222,15 @@ def _input_linear(child: str) -> ProjectionFn:
     return fn
 
 
+def _mita_value(call: _Call) -> Tensor:
+    """MiTA: the value part of ``x W_inᵀ + b`` (``qkv``, or ``qkvg`` when gated); MiTA
+    uses the weight directly rather than calling the child module."""
+    m = call.module
+    proj = m.in_proj
+    out = F.linear(call.arg(0, 'x'), proj.weight, proj.bias)
+    return out.chunk(4 if m.gate else 3, dim=-1)[2]
+
+
 def _torch_mha_qkv(call: _Call) -> Tuple[Tensor, Tensor, Tensor]:
     """``q, k, v`` ``(B, L, E)`` of a ``torch.nn.MultiheadAttention`` call, from its
     inputs and its projection weights (how the module projects them)."""
@@ -229,7 +240,7 @@ def _torch_mha_qkv(call: _Call) -> Tuple[Tensor, Tensor, Tensor]:
     v_in = k_in if v_in is None else v_in
     if not m.batch_first:
         q_in, k_in, v_in = (t.transpose(0, 1) for t in (q_in, k_in, v_in))
-    if m._qkv_same_embed_dim:
+    if getattr(m, '_qkv_same_embed_dim', True):
         wq, wk, wv = m.in_proj_weight.chunk(3)
     else:
         wq, wk, wv = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
@@ -272,6 +283,9 @@ def _qkv_maps(child: str) -> MapsFn:
 
     def fn(call: _Call) -> Dict[str, Tensor]:
         m = call.module
+        core = _adapted_core(m)
+        if core is not None:  # an adapted layer: its own (recorded) attention
+            return _adapted_maps(core, call)
         qkv = call.children.get(child)
         if qkv is None:
             return {}
@@ -311,16 +325,30 @@ def _cbsa_maps(call: _Call) -> Dict[str, Tensor]:
             'clusters': _argmax_clusters(attn, call)}
 
 
-def _adapted_cbsa_maps(call: _Call) -> Dict[str, Tensor]:
-    """AdaptedCBSA (docs/mechanisms.md §8): ``A = last_attention`` ``(B, H, m, N)``,
-    ``Bc = last_broadcast`` ``(B, H, N, m)``; token-to-token ``Bc A``, query row."""
-    attn = call.module.last_attention
-    bcast = getattr(call.module, 'last_broadcast', None)
+def _adapted_maps(core: nn.Module, call: _Call) -> Dict[str, Tensor]:
+    """The adapted attention of docs/mechanisms.md §8, read from what ``core`` recorded
+    (``AdaptedCBSA`` or an adapted ViT's core): ``A = last_attention`` ``(B, H, m, N)``,
+    ``Bc = last_broadcast`` ``(B, H, N, m)``; token-to-token ``Bc A``, query row; the
+    representatives' rows; clusters ``argmax_r A[r, n]``."""
+    attn = getattr(core, 'last_attention', None)
+    bcast = getattr(core, 'last_broadcast', None)
     if attn is None or bcast is None:
         return {}
     weights = _query_weights(bcast.transpose(-2, -1), call).transpose(-2, -1)  # (B,H,1,m)
     return {call.query: _patches(weights @ attn, call), 'reps': _patches(attn, call),
             'clusters': _argmax_clusters(attn, call)}
+
+
+def _adapted_cbsa_maps(call: _Call) -> Dict[str, Tensor]:
+    """AdaptedCBSA, and the adapted core of mmseg's ViT (``AdaptedInProjAttention``)."""
+    return _adapted_maps(call.module, call)
+
+
+def _adapted_core(module: nn.Module) -> Optional[nn.Module]:
+    """The recording core of an mmpretrain ``MultiheadAttention`` whose
+    ``scaled_dot_product_attention`` was exchanged by ``AdaptedVisionTransformer``."""
+    core = getattr(module, 'scaled_dot_product_attention', None)
+    return core if isinstance(core, nn.Module) and hasattr(core, 'last_broadcast') else None
 
 
 def _tssa_maps(call: _Call) -> Dict[str, Tensor]:
@@ -357,12 +385,15 @@ MECHANISMS: Dict[str, Mechanism] = {
     'MSSA': Mechanism(_child_output('in_proj'), _recorded_softmax_maps, ('in_proj', )),
     'MHSA': Mechanism(_child_part('qkv', 2, 3), _recorded_softmax_maps, ('qkv', )),
     'TSSA': Mechanism(_child_output('in_proj'), _tssa_maps, ('in_proj', )),
-    'MiTA': Mechanism(_child_part('qkv', 2, 3), _mita_maps, ('qkv', )),
+    'MiTA': Mechanism(_mita_value, _mita_maps),
     'PrimalAttention': Mechanism(_child_part('qk', 0, 2), None, ('qk', )),
     'mmpretrain.models.utils.attention.MultiheadAttention':
         Mechanism(_child_part('qkv', 2, 3), _qkv_maps('qkv'), ('qkv', )),
     'torch.nn.modules.activation.MultiheadAttention':
         Mechanism(_torch_mha_value, _torch_mha_maps),
+    # AdaptedVisionTransformer (mmseg) puts this in place of nn.MultiheadAttention; the
+    # mmpretrain one keeps its MultiheadAttention (entry above, whose maps read the core)
+    'AdaptedInProjAttention': Mechanism(_torch_mha_value, _adapted_cbsa_maps),
 }
 _ISTA_TYPES = ('ISTA', )
 # Modules whose attentions see the patch tokens FIRST and their extra tokens after them
@@ -451,9 +482,11 @@ class AttentionCapture:
 
     # hooks ----------------------------------------------------------------------------
     def _attach(self, module: nn.Module, name: str, mech: Mechanism) -> None:
-        if self.want_maps and hasattr(module, 'record_attention'):
-            self._switched.append((module, module.record_attention))
-            module.record_attention = True
+        if self.want_maps:
+            for recorder in (module, _adapted_core(module)):
+                if recorder is not None and hasattr(recorder, 'record_attention'):
+                    self._switched.append((recorder, recorder.record_attention))
+                    recorder.record_attention = True
         self._handles.append(module.register_forward_pre_hook(self._pre_hook,
                                                               with_kwargs=True))
         self._handles.append(module.register_forward_hook(
