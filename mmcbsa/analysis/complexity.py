@@ -22,7 +22,8 @@ carries most of an attention layer's products); they are added here:
 * ``aten::_native_multi_head_attention``: ``nn.MultiheadAttention``'s fused inference
   path (taken under ``torch.no_grad()`` in eval mode) — projections and both
   products (:func:`native_mha_flop_jit`).
-* ``aten::baddbmm`` (``nn.MultiheadAttention`` with a mask): as ``bmm``.
+* ``aten::baddbmm`` / ``aten::baddbmm_`` (``nn.MultiheadAttention`` with a mask; MiTA's
+  dense path accumulates in place): as ``bmm``.
 * ``aten::upsample_bicubic2d`` (mmseg's ViT resizing its position embedding): 16 per
   output element, as mmengine counts bilinear interpolation 4.
 
@@ -111,6 +112,7 @@ EXTRA_OP_HANDLES = {
     'aten::scaled_dot_product_attention': sdpa_flop_jit,
     'aten::_native_multi_head_attention': native_mha_flop_jit,
     'aten::baddbmm': baddbmm_flop_jit,
+    'aten::baddbmm_': baddbmm_flop_jit,
     'aten::matmul': matmul_flop_jit,
     'aten::bmm': matmul_flop_jit,
     # mmseg's ViT resizes its position embedding bicubically for other input sizes:
