@@ -137,15 +137,33 @@ def _mita_experts(attn: MiTA, x: torch.Tensor, hw) -> torch.Tensor:
     return (qh @ rh.transpose(-2, -1)).argmax(-1)  # (B, H, N)
 
 
+def test_mita_dense_path_flops_match_hand_count():
+    """MiTA's dense path (small N): all ``N × N`` query-key products and the value
+    product over the scattered weights, plus the agent expert's four ``M × N`` products
+    (``r kᵀ``, ``q rᵀ``, the agent values and their weighted sum)."""
+    torch.manual_seed(0)
+    b, c, heads, grid, topk, hw = 2, 24, 2, (2, 2), 3, (4, 4)
+    n, m, p = 1 + hw[0] * hw[1], grid[0] * grid[1], c // heads
+    attn = MiTA(c, heads, num_landmarks=grid, topk=topk, path='dense').eval()
+    x = torch.randn(b, n, c)
+    expected = (b * n * c * 3 * c  # qkv
+                + b * c * hw[0] * hw[1]  # landmark pooling
+                + b * heads * (2 * n * n * p  # q kᵀ and the value product
+                               + 4 * m * n * p)  # r kᵀ, q rᵀ, agent values, agent output
+                + b * n * c * c)  # output projection
+    assert _count(attn, x, hw=hw) == expected
+
+
 @pytest.mark.parametrize('block', [1, 4])
 def test_mita_layer_flops_match_hand_count(block):
-    """MiTA's block attention pads each expert's queries to blocks of
+    """MiTA's grouped path pads each expert's queries to blocks of
     ``query_block_size``: the real products are the nominal ``N·(M + k)·2p`` per head
     plus the padded slots; with blocks of one query there is no padding."""
     torch.manual_seed(0)
     b, c, heads, grid, topk, hw = 2, 24, 2, (2, 2), 3, (4, 4)
     n, m, p = 1 + hw[0] * hw[1], grid[0] * grid[1], c // heads
-    attn = MiTA(c, heads, num_landmarks=grid, topk=topk, query_block_size=block).eval()
+    attn = MiTA(c, heads, num_landmarks=grid, topk=topk, query_block_size=block,
+                path='grouped').eval()
     x = torch.randn(b, n, c)
     experts = _mita_experts(attn, x, hw)
     slots = 0
