@@ -36,6 +36,7 @@ from unittest import mock
 
 import pytest
 from mmengine.config import Config
+from mmengine.registry import DefaultScope, init_default_scope
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
 pytestmark = pytest.mark.usefixtures('one_thread')  # tiny tensors
@@ -51,7 +52,16 @@ def _mmseg_forward_module():
         'the installed mmsegmentation has no tests/test_models/test_forward.py'
     spec = importlib.util.spec_from_file_location('mmseg_wheel_test_forward', path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # runs init_default_scope('mmseg'); undone per test
+    # Its import runs init_default_scope('mmseg'). This runs in a module-scoped fixture,
+    # i.e. before conftest's per-test scope isolation takes its snapshot, so the scope is
+    # undone here: left behind, it would make every later mmpretrain build in the session
+    # resolve in mmseg's registries.
+    saved = DefaultScope._instance_dict.copy()
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        DefaultScope._instance_dict.clear()
+        DefaultScope._instance_dict.update(saved)
     return module
 
 
@@ -117,6 +127,7 @@ def test_mmseg_encoder_decoder_forward(path, mmseg_forward):
     _shallow_backbone(model.backbone)
     model.data_preprocessor.size = TRAIN_PAD
     head = model.decode_head
+    init_default_scope('mmseg')  # what mmseg's test module sets at import (undone per test)
     with mock.patch.object(mmseg_forward, '_get_segmentor_cfg',
                            lambda fname: copy.deepcopy(model)):
         mmseg_forward._test_encoder_decoder_forward(str(path))
