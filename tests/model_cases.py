@@ -211,7 +211,8 @@ def primal_classifier() -> nn.Module:
 class FamilyCase:
     """A model family: ``build()`` returns the model (train mode not set), inputs are
     ``(batch, 3, *hw)`` images; ``task`` is ``'cls'`` (mmpretrain ``DataSample`` labels
-    in ``[0, num_classes)``) or ``'seg'`` (mmseg ``SegDataSample`` masks)."""
+    in ``[0, num_classes)``) or ``'seg'`` (mmseg ``SegDataSample`` masks that follow the
+    image)."""
     id: str
     build: Callable[[], nn.Module]
     task: str
@@ -226,8 +227,9 @@ class FamilyCase:
 
     def batch_data(self, model: nn.Module) -> dict:
         """A fixed mmengine data batch (``inputs``, ``data_samples``) for
-        ``model.train_step``: the images as a list (what mmengine's collate gives a
-        ``SegDataPreProcessor``) or a stacked tensor (models without one), and labels."""
+        ``model.train_step``: for a ``SegDataPreProcessor`` the images as a list of
+        0..255 pixel tensors (what mmengine's collate gives it; it normalises them),
+        otherwise the stacked tensor of :meth:`images`; and the labels."""
         gen = torch.Generator().manual_seed(3)
         imgs = self.images()
         if self.task == 'cls':
@@ -237,17 +239,21 @@ class FamilyCase:
         else:
             from mmengine.structures import PixelData
             from mmseg.structures import SegDataSample
+            # masks a model can learn: the class of a pixel is its first channel's value
+            # bucketed into num_classes intervals
             h, w = self.hw
+            bounds = torch.linspace(-1, 1, self.num_classes - 1)
             samples = []
-            for _ in range(self.batch):
+            for img in imgs:
                 s = SegDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w),
                                                 pad_shape=(h, w)))
-                s.gt_sem_seg = PixelData(
-                    data=torch.randint(0, self.num_classes, (1, h, w), generator=gen))
+                s.gt_sem_seg = PixelData(data=torch.bucketize(img[:1], bounds))
                 samples.append(s)
         from mmseg.models import SegDataPreProcessor
-        as_list = isinstance(model.data_preprocessor, SegDataPreProcessor)
-        return dict(inputs=list(imgs) if as_list else imgs, data_samples=samples)
+        if isinstance(model.data_preprocessor, SegDataPreProcessor):  # pixels, normalised there
+            return dict(inputs=list((imgs.clamp(-2, 2) * 60 + 127.5).round()),
+                        data_samples=samples)
+        return dict(inputs=imgs, data_samples=samples)
 
 
 FAMILIES = [
