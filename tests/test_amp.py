@@ -107,6 +107,9 @@ def test_configure_amp(wrapper, enable, cuda, expected):
 
 
 def test_configure_amp_errors():
+    assert configure_amp(Config(dict(model=dict())), False, cuda=False) is None
+    with pytest.raises(ValueError, match='needs an optim_wrapper'):
+        configure_amp(Config(dict(model=dict())), True, cuda=False)
     cfg = Config(dict(optim_wrapper=dict(type='OptimWrapperDict')))
     with pytest.raises(ValueError, match='optim_wrapper.type'):
         configure_amp(cfg, True, cuda=True)

@@ -114,11 +114,15 @@ def configure_amp(cfg: Config, enable: bool, cuda: Optional[bool] = None) -> Opt
         config was left as it was (no ``--amp`` and no ``AmpOptimWrapper`` on a CPU).
 
     Raises:
-        ValueError: ``--amp`` with an optimizer wrapper that is neither
+        ValueError: ``--amp`` without an ``optim_wrapper``, or with one that is neither
             ``OptimWrapper`` nor an AMP wrapper; a config asking for float16 on a CPU.
     """
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    wrapper = cfg.optim_wrapper
+    wrapper = cfg.get('optim_wrapper', None)
+    if wrapper is None:
+        if enable:
+            raise ValueError('--amp needs an optim_wrapper in the config')
+        return None
     kind = wrapper.get('type', 'OptimWrapper')
     amp_kinds = ('AmpOptimWrapper', 'BF16AmpOptimWrapper')
     if enable and kind not in ('OptimWrapper', ) + amp_kinds:
