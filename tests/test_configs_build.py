@@ -1,5 +1,7 @@
 """Every config under configs/ (``_base_`` folders excepted) parses and its model
-builds in the registry of the config's ``default_scope`` (mmseg or mmpretrain).
+builds in the registry of the config's ``default_scope`` (mmseg or mmpretrain); a
+config trains with mixed precision exactly when its name says ``-amp-`` (mmseg's
+convention).
 
 Build only: ``init_weights`` is never called, so no pretrained checkpoint (URLs in
 ``pretrained`` / ``init_cfg``) is downloaded. New config folders are covered
@@ -13,6 +15,7 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
+AMP_WRAPPERS = ('AmpOptimWrapper', 'BF16AmpOptimWrapper')
 
 
 def _config_files():
@@ -39,6 +42,10 @@ def test_config_builds(path):
     imports = cfg.get('custom_imports', {})
     assert 'mmcbsa' in imports.get('imports', []), 'config must import mmcbsa'
     assert imports.get('allow_failed_imports') is False
+    amp = cfg.get('optim_wrapper', {}).get('type') in AMP_WRAPPERS
+    assert amp == ('-amp-' in path.name), \
+        f"optim_wrapper {cfg.get('optim_wrapper', {}).get('type')!r}: the name must say " \
+        f"'-amp-' exactly when the config trains with mixed precision"
     scope = cfg.get('default_scope')
     init_default_scope(scope)
     model = _models_registry(scope).build(cfg.model)

@@ -11,24 +11,19 @@ Examples::
     python tools/train.py configs/depict/<config>.py --work-dir work_dirs/run
     python tools/train.py <config> --resume            # latest checkpoint in work_dir
     python tools/train.py <config> --resume work_dirs/run/iter_200.pth
+    python tools/train.py <config> --amp    # GPU: fp16 + dynamic loss scale; CPU: bf16
+    python tools/train.py <config> --cfg-options compile=True   # torch.compile(train_step)
     bash tools/dist_train.sh <config> 2                # torchrun, 2 processes
 """
 import argparse
-import logging
-import os.path as osp
-import sys
+from typing import Optional, Tuple
 
-# Run from a source checkout without installing: make `import mmcbsa` resolve.
-_REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
+from mmengine.config import Config
 
-from mmengine.config import Config  # noqa: E402
-from mmengine.logging import print_log  # noqa: E402
-
-import mmcbsa  # noqa: E402,F401  (registers modules and checkpoint safe globals)
-from mmcbsa.utils.tools_common import (add_runner_args, build_runner,  # noqa: E402
-                                       export_local_rank, load_config)
+import mmcbsa  # noqa: F401  (registers modules and checkpoint safe globals)
+from mmcbsa.engine import configure_amp
+from mmcbsa.utils.tools_common import (add_runner_args, build_runner, export_local_rank,
+                                       load_config)
 
 
 def parse_args(argv=None):
@@ -44,29 +39,24 @@ def parse_args(argv=None):
         'directory; with a value, from that checkpoint file')
     parser.add_argument(
         '--amp', action='store_true', default=False,
-        help='enable automatic mixed precision training (needs a GPU)')
+        help='automatic mixed precision: float16 autocast with dynamic loss scaling '
+        '(AmpOptimWrapper) on a GPU, bfloat16 autocast (BF16AmpOptimWrapper) on a CPU')
     add_runner_args(parser)  # --cfg-options, --launcher, --local-rank
     args = parser.parse_args(argv)
     export_local_rank(args)
     return args
 
 
-def build_cfg(args) -> Config:
-    """Load the config and apply the command-line options to it."""
+def build_cfg(args) -> Tuple[Config, Optional[str]]:
+    """Load the config and apply the command-line options to it.
+
+    Returns the config and a line saying which mixed precision was chosen (``None``
+    without AMP)."""
     # launcher, --cfg-options; work_dir: command line > config > ./work_dirs/<config name>
     cfg = load_config(args)
 
-    if args.amp:
-        optim_wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
-        if optim_wrapper == 'AmpOptimWrapper':
-            print_log('AMP training is already enabled in the config.', logger='current',
-                      level=logging.WARNING)
-        else:
-            if optim_wrapper != 'OptimWrapper':
-                raise ValueError(f'--amp needs optim_wrapper.type "OptimWrapper", got '
-                                 f'"{optim_wrapper}"')
-            cfg.optim_wrapper.type = 'AmpOptimWrapper'
-            cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+    # --amp, and `-amp-` configs on machines without CUDA (mmcbsa.engine.amp)
+    amp_note = configure_amp(cfg, args.amp)
 
     if args.resume == 'auto':
         cfg.resume = True
@@ -74,14 +64,19 @@ def build_cfg(args) -> Config:
     elif args.resume is not None:
         cfg.resume = True
         cfg.load_from = args.resume
-    return cfg
+    return cfg, amp_note
 
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = build_cfg(args)
+    try:
+        cfg, amp_note = build_cfg(args)
+    except ValueError as err:  # a user's mistake in the config / options: one line
+        raise SystemExit(f'train.py: error: {err}')
     # CPU-only machines: gloo process group + DDP without device ids (no-op with CUDA).
     runner = build_runner(cfg)
+    if amp_note is not None:
+        runner.logger.info(amp_note)
     runner.train()
 
 

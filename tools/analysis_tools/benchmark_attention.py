@@ -314,6 +314,9 @@ def main(argv=None) -> List[dict]:
             print('cuda requested but not available; skipped', file=sys.stderr)
             continue
         rows += bench_device(torch.device(dev), names, args)
+    if not rows:
+        raise SystemExit(f'benchmark_attention.py: nothing to measure: none of the devices '
+                         f'{devices} is available')
     os.makedirs(args.out_dir, exist_ok=True)
     title = (f'C={args.embed_dims}, H={args.num_heads}, CBSA m={args.num_reps}, B={args.batch}, '
              f'CPU threads={args.threads}, {args.timer} time, median of {args.repeat}')

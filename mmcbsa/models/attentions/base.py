@@ -94,6 +94,14 @@ def check_input_width(x: Tensor, embed_dims: int, owner: str,
                          f'got {tuple(x.shape)}')
 
 
+def is_compiling() -> bool:
+    """Whether the code is being traced by ``torch.compile`` (dynamo / export)."""
+    compiler = getattr(torch, 'compiler', None)
+    if compiler is not None and hasattr(compiler, 'is_compiling'):  # torch >= 2.3
+        return compiler.is_compiling()
+    return torch._dynamo.is_compiling()  # pragma: no cover
+
+
 _WARNED: Set[str] = set()
 
 

@@ -6,7 +6,8 @@ module after every forward (``module.ksvd_loss``) and summed up over a model wit
 :func:`collect_ksvd_loss`, so models add ``η · loss_ksvd`` to their task loss without
 any change of the attention interface.
 """
-from typing import Dict, Optional, Sequence
+import functools
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -15,18 +16,56 @@ from mmengine.model import BaseModule
 from torch import Tensor
 
 from mmcbsa.registry import register_model
-from .base import check_input_width, check_positive, merge_heads, resolve_head_dims
+from .base import (check_input_width, check_positive, is_compiling, merge_heads,
+                   resolve_head_dims)
+
+
+def linspace_positions(num_tokens: int, num_samples: int) -> Tuple[int, ...]:
+    """The reference's ``torch.linspace(0, N - 1, n, dtype=torch.int64)`` in exact
+    integer arithmetic (docs/mechanisms.md §6.2), as Python ints.
+
+    What ATen computes for an integer ``linspace`` (CUDA, and CPU builds with FMA:
+    AVX2 / AVX512): ``step = fl((N − 1) / (n − 1))`` in float64, then position
+    ``i < n // 2`` is ``trunc(fl(step · i))`` and position ``i >= n // 2`` is
+    ``trunc(fl(N − 1 − step · (n − 1 − i)))`` with *one* rounding (a fused
+    multiply-add). Writing ``step = num / den`` exactly (``den`` a power of two), both
+    are correctly rounded quotients of integers, which Python's ``int / int``
+    computes exactly; no float arithmetic of the platform is involved, so the result
+    is the same in eager code, under ``torch.compile`` (where the positions become
+    constants of the graph; inductor's own ``linspace`` works in float32 and picks
+    different positions, e.g. ``N = 257, n = 197``) and on every device.
+
+    (ATen's CPU kernel built without FMA, ``ATEN_CPU_CAPABILITY=default``, rounds
+    ``step · (n − 1 − i)`` first and so differs at rare exact ties, e.g.
+    ``N = 3, n = 151``, position 75.)
+
+    Args:
+        num_tokens: ``N`` (>= 1).
+        num_samples: ``n`` (>= 1).
+
+    Returns:
+        ``n`` non-decreasing positions in ``[0, N)``, every token when ``N == n``.
+    """
+    last = num_tokens - 1
+    if num_samples == 1:
+        return (0, )
+    num, den = (last / (num_samples - 1)).as_integer_ratio()  # step, exactly
+    half = num_samples // 2
+    return tuple(int(num * i / den) if i < half
+                 else int((last * den - num * (num_samples - 1 - i)) / den)
+                 for i in range(num_samples))
+
+
+_cached_positions = functools.lru_cache(maxsize=256)(linspace_positions)
 
 
 def sample_positions(num_tokens: int, num_samples: int, device=None) -> Tensor:
-    """``num_samples`` evenly spaced token positions in ``[0, num_tokens)`` (SPEC §6.2).
-
-    Exactly the reference's ``torch.linspace(0, N - 1, n, dtype=torch.int64)``
-    (computed on the CPU: integer ``linspace`` differs from ``linspace(...).long()``
-    for some sizes); with ``N == n`` that is every token.
-    """
-    idx = torch.linspace(0, num_tokens - 1, num_samples, dtype=torch.int64)
-    return idx if device is None else idx.to(device)
+    """``num_samples`` evenly spaced token positions in ``[0, num_tokens)`` as an
+    int64 tensor (docs/mechanisms.md §6.2): :func:`linspace_positions`, cached in
+    eager code and folded into constants under ``torch.compile``."""
+    positions = (linspace_positions(num_tokens, num_samples) if is_compiling()
+                 else _cached_positions(num_tokens, num_samples))
+    return torch.tensor(positions, dtype=torch.int64, device=device)
 
 
 @register_model()

@@ -1,0 +1,128 @@
+"""tools/gpu_check.sh and its pieces (issue 11, part 4) on this machine: the script's
+CPU-side path (CUDA tests skipped with their reason, skip lines, the summary table), the
+summary table from recorded CUDA results, and train_throughput.py as a CPU smoke run
+through mmengine's Runner."""
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = REPO / 'tools' / 'analysis_tools'
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason='tests the CPU-side path; with CUDA run tools/gpu_check.sh itself')
+def test_gpu_check_script_cpu_side(tmp_path):
+    env = dict(os.environ, OUT_DIR=str(tmp_path), GPU_CHECK_TESTS='tests/test_cuda.py',
+               OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+    proc = subprocess.run(['bash', str(REPO / 'tools' / 'gpu_check.sh')], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-4000:]
+    assert 'no CUDA device' in out
+    assert 'SKIPPED' in out and 'needs a CUDA device' in out  # pytest -rs: the reasons
+    assert 'skipped: benchmark_attention.py --devices cuda needs a CUDA device' in out
+    assert 'skipped: train_throughput.py --device cuda needs a CUDA device' in out
+    table = (tmp_path / 'gpu_check.md').read_text()
+    assert table.strip() == out.strip().split('\n[gpu_check] summary')[-1].split('\n', 1)[1]
+    assert '| CUDA tests (pytest -m cuda) | all |' in table and ' skipped |' in table
+    assert ' passed' not in table and 'failure' not in table
+    assert table.count('not run (no CUDA device)') == 2
+
+
+def test_gpu_check_report_from_recorded_results(tmp_path):
+    """The summary rows from a JUnit report, a benchmark CSV and a throughput CSV as the
+    CUDA steps write them (numbers made up here)."""
+    (tmp_path / 'pytest_cuda.xml').write_text(
+        '<testsuites><testsuite name="pytest" tests="4">'
+        '<testcase name="a"/><testcase name="b"/>'
+        '<testcase name="c"><failure message="boom"/></testcase>'
+        '<testcase name="d"><skipped message="why not"/></testcase>'
+        '</testsuite></testsuites>')
+    bench = tmp_path / 'benchmark_attention'
+    bench.mkdir()
+    keys = ['device', 'mechanism', 'n', 'grid', 'batch', 'mode', 'time_ms', 'time_ratio',
+            'peak_mem_mb', 'mem_ratio']
+    with open(bench / 'benchmark_attention.csv', 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for mech, n, t, r in (('MHSA', 256, 1.0, 1.0), ('MHSA', 1024, 4.0, 1.0),
+                              ('CBSA', 1024, 1.0, 0.25)):
+            w.writerow(dict(device='cuda', mechanism=mech, n=n, grid='', batch=1,
+                            mode='fwd+bwd', time_ms=t, time_ratio=r, peak_mem_mb=8.0,
+                            mem_ratio=1.0))
+    tput = tmp_path / 'train_throughput'
+    tput.mkdir()
+    with open(tput / 'train_throughput.csv', 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=['model', 'device', 'dtype', 'img_size', 'batch_size',
+                                          'images_per_s', 'peak_mem_gib'])
+        w.writeheader()
+        w.writerow(dict(model='segmenter-vit-s', device='cuda', dtype='bfloat16', img_size=512,
+                        batch_size=8, images_per_s=100.0, peak_mem_gib=10.0))
+        w.writerow(dict(model='cbt-head-vit-s', device='cuda', dtype='bfloat16', img_size=512,
+                        batch_size=8, images_per_s=150.0, peak_mem_gib=8.0))
+    table = _tool('gpu_check_report').report(str(tmp_path), cuda=True)
+    assert '| CUDA tests (pytest -m cuda) | all | 2 passed, 1 failure, 1 skipped |' in table
+    assert '| CUDA tests (pytest -m cuda) | skip reason | 1× why not |' in table
+    assert ('| attention benchmark, cuda, fwd+bwd, N=1024 | CBSA | 1.00 ms, 0.25× MHSA, '
+            'peak 8 MiB |') in table
+    assert 'N=256' not in table  # only the largest N
+    assert ('| training throughput (cuda, bfloat16, 512², batch 8) | cbt-head-vit-s | '
+            '150.0 images/s, 1.50× Segmenter ViT-S, peak 8.0 GiB |') in table
+    (tput / 'train_throughput.csv').unlink()
+    assert ('| training throughput | - | not run (failed or was interrupted, see the log '
+            'above) |') in _tool('gpu_check_report').report(str(tmp_path), cuda=True)
+
+
+def test_train_throughput_cpu_smoke(tmp_path):
+    """The throughput tool end to end on the CPU at toy size (1-block encoders, 32×32,
+    bf16 through BF16AmpOptimWrapper; GPUs hidden): the real configs build and train
+    through the Runner, and the table has a row per model with the ratio to Segmenter."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1',
+               PYTHONWARNINGS='ignore', PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, str(TOOLS / 'train_throughput.py'), '--device', 'cpu', '--models',
+         'cbt-head-vit-s', '--img-size', '32', '--batch-size', '1', '--warmup', '1',
+         '--iters', '1', '--num-images', '1', '--workers', '0', '--work-dir', str(tmp_path),
+         '--cfg-options', 'model.backbone.num_layers=1'], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert '| segmenter-vit-s | bfloat16 | 32 | 1 |' in proc.stdout
+    with open(tmp_path / 'train_throughput.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [r['model'] for r in rows] == ['segmenter-vit-s', 'cbt-head-vit-s']
+    for r in rows:
+        assert r['iters'] == '1' and float(r['images_per_s']) > 0 and r['dtype'] == 'bfloat16'
+        assert torch.isfinite(torch.tensor(float(r['loss'])))
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--img-size', '40', '--device', 'cpu'], 'multiple of the patch size'),
+    (['--iters', '0', '--device', 'cpu'], '--iters must be >= 1'),
+    (['--device', 'cpu', '--dtype', 'float16'], 'float16 training needs loss scaling'),
+])
+def test_train_throughput_user_errors(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        _tool('train_throughput').main(argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the message without CUDA')
+def test_train_throughput_without_cuda_is_one_line():
+    with pytest.raises(SystemExit) as err:
+        _tool('train_throughput').main([])
+    assert str(err.value) == ('train_throughput.py: CUDA is not available on this machine; '
+                              'use --device cpu for a (slow) CPU run')

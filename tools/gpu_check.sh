@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU check (docs/compile_and_amp.md), one command on a machine with CUDA:
+#   bash tools/gpu_check.sh            # about 4 minutes on one H100-class GPU (budget 8)
+# 1. the CUDA tests: pytest -m cuda (every attention in fp32 / bf16 / fp16 on CUDA
+#    against the CPU, CBSA's hand-written backward, fp16 loss scaling);
+# 2. the attention benchmark on CUDA (benchmark_attention.py --devices cuda);
+# 3. training throughput at 512x512 in bf16 through mmengine's Runner: the CBT head
+#    and the DEPICT-SA head on Segmenter ViT-S against mmseg's Segmenter ViT-S;
+# then one summary table (also in $OUT_DIR/gpu_check.md).
+# Without CUDA, step 1 reports its tests as skipped (with the reason), steps 2 and 3
+# print a skip line, and the table says what did not run. Exit status: 0 unless a step
+# that ran failed.
+# Environment: OUT_DIR (default work_dirs/gpu_check), GPU_CHECK_TESTS (pytest target,
+# default tests), BENCH_ARGS / THROUGHPUT_ARGS (extra arguments of steps 2 and 3).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python; fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+OUT_DIR=${OUT_DIR:-work_dirs/gpu_check}
+TESTS=${GPU_CHECK_TESTS:-tests}
+mkdir -p "$OUT_DIR"
+rm -f "$OUT_DIR/pytest_cuda.xml" "$OUT_DIR/benchmark_attention/benchmark_attention.csv" \
+    "$OUT_DIR/train_throughput/train_throughput.csv"
+
+CUDA=$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))')
+if [ "$CUDA" = 1 ]; then
+    "$PYTHON" -c 'import torch; print("[gpu_check] CUDA device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)'
+else
+    echo "[gpu_check] no CUDA device (torch.cuda.is_available() is False): CPU-side checks only"
+fi
+status=0
+start=$SECONDS
+
+echo "[gpu_check] 1/3 pytest -m cuda $TESTS"
+"$PYTHON" -m pytest "$TESTS" -m cuda -q -rs -p no:cacheprovider \
+    --junitxml "$OUT_DIR/pytest_cuda.xml" || status=$?
+
+echo "[gpu_check] 2/3 benchmark_attention.py --devices cuda"
+if [ "$CUDA" = 1 ]; then
+    # shellcheck disable=SC2086
+    "$PYTHON" tools/analysis_tools/benchmark_attention.py --devices cuda \
+        --max-quadratic-n 16384 --out-dir "$OUT_DIR/benchmark_attention" ${BENCH_ARGS:-} \
+        || status=$?
+else
+    echo "[gpu_check] skipped: benchmark_attention.py --devices cuda needs a CUDA device"
+fi
+
+echo "[gpu_check] 3/3 train_throughput.py (bf16, 512x512, mmengine Runner)"
+if [ "$CUDA" = 1 ]; then
+    # shellcheck disable=SC2086
+    "$PYTHON" tools/analysis_tools/train_throughput.py --device cuda --dtype bfloat16 \
+        --work-dir "$OUT_DIR/train_throughput" ${THROUGHPUT_ARGS:-} || status=$?
+else
+    echo "[gpu_check] skipped: train_throughput.py --device cuda needs a CUDA device"
+fi
+
+echo "[gpu_check] summary ($((SECONDS - start)) s)"
+"$PYTHON" tools/analysis_tools/gpu_check_report.py "$OUT_DIR"
+exit $status
