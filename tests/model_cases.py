@@ -64,8 +64,16 @@ ATTENTIONS = [
     # 16×16 patches + CLS = 257 tokens, n = min(197, 20·10) = 197 sampled positions: the
     # size at which inductor's integer linspace picked a different position (issue 11)
     AttentionCase('PrimalAttention', dict(type='PrimalAttention'), hw=(16, 16)),
-    AttentionCase('MiTA', dict(type='MiTA', num_landmarks=4, topk=4),
-                  graph_breaks=('Tensor.item()', )),
+    # 17 tokens: the automatic choice is MiTA's dense path (no data-dependent shapes)
+    AttentionCase('MiTA', dict(type='MiTA', num_landmarks=4, topk=4)),
+    AttentionCase('MiTA-dwc-gate', dict(type='MiTA', num_landmarks=4, topk=4, dwc=True,
+                                        gate=True)),
+    AttentionCase('MiTA-routed', dict(type='MiTA', num_landmarks=4, topk=8, mode='routed')),
+    # the grouped path (large N) sizes its expert blocks from the routing: its block
+    # bookkeeping runs eagerly (torch.compiler.disable)
+    AttentionCase('MiTA-grouped', dict(type='MiTA', num_landmarks=4, topk=4, path='grouped'),
+                  graph_breaks=('torch.compiler.disable()', )),
+    AttentionCase('AdaptedCBSA', dict(type='AdaptedCBSA', num_reps=4)),
 ]
 
 
