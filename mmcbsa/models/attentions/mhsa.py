@@ -49,15 +49,19 @@ class MHSA(BaseModule):
     def forward(self, x: Tensor, hw_shape: Optional[Sequence[int]] = None) -> Tensor:
         check_input_width(x, self.embed_dims, 'MHSA')
         b, n, _ = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dims).permute(2, 0, 3, 1, 4)
+        # unbind, not qkv[0], qkv[1], qkv[2]: each indexing op's backward allocates a
+        # zero-filled full-size gradient (13 % of fwd+bwd in fill_); unbind's backward is
+        # one stack. fwd+bwd 0.86-0.92x of the indexed version (N=197, B=8, C=384, H=6,
+        # 1 thread, load 1.0 on 2 cores; 0.96x at N=4097, B=1)
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dims).permute(
+            2, 0, 3, 1, 4).unbind(0)
         drop = self.attn_drop if self.training else 0.
         if self.record_attention:  # the same softmax, written out so it can be kept
-            attn = torch.softmax((qkv[0] @ qkv[1].transpose(-2, -1)) * self.head_dims**-0.5,
-                                 dim=-1)
+            attn = torch.softmax((q @ k.transpose(-2, -1)) * self.head_dims**-0.5, dim=-1)
             self.last_attention = attn.detach()
             self.last_hw_shape = None if hw_shape is None else (int(hw_shape[0]),
                                                                 int(hw_shape[1]))
-            out = F.dropout(attn, drop, self.training) @ qkv[2]
+            out = F.dropout(attn, drop, self.training) @ v
         else:
-            out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], dropout_p=drop)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         return self.proj_drop(self.proj(merge_heads(out)))
