@@ -1,8 +1,9 @@
-"""Attention family (SPEC §1, §2): CBSA, MSSA, TSSA, MHSA, plus ISTA and WhiteBoxBlock.
+"""Attention family (docs/mechanisms.md §1, §2): CBSA, MSSA, TSSA, MHSA, plus ISTA and
+WhiteBoxBlock.
 
 * parity with the reference fixtures (through mmcbsa.converters),
 * hand-written references IN this file (explicit loops over batch and heads, plain
-  torch ops from the SPEC formulas; none of mmcbsa's code),
+  torch ops from the formulas of docs/mechanisms.md; none of mmcbsa's code),
 * gradients (fp32, bf16 autocast, float64 gradcheck), registry builds, config errors.
 """
 import math
@@ -26,7 +27,7 @@ def build(cfg, registry=SEG_MODELS):
 
 
 # ----------------------------------------------------------------------------------------
-# hand-written references (SPEC formulas, loops over batch and heads)
+# hand-written references (docs/mechanisms.md formulas, loops over batch and heads)
 # ----------------------------------------------------------------------------------------
 def ref_adaptive_pool(img, out_hw):
     """img (h, w, C) -> (s_h * s_w, C): mean over PyTorch's adaptive windows
@@ -43,7 +44,7 @@ def ref_adaptive_pool(img, out_hw):
 
 
 def ref_cbsa(x, U, step_rep, step_x, Wo, bo, heads, hw, grid, legacy=False, reps=None):
-    """SPEC §1 steps 1-6, one (batch, head) at a time."""
+    """docs/mechanisms.md §1 steps 1-6, one (batch, head) at a time."""
     B, N, _ = x.shape
     p = U.shape[0] // heads
     w = x @ U.T  # (B, N, Hp)
@@ -237,7 +238,7 @@ def test_cbsa_learned_reps_match_hand_reference():
 
 
 def test_cbsa_with_tokens_as_representatives_contains_mssa():
-    """SPEC §1 unification, made precise: with m = N representatives equal to the
+    """docs/mechanisms.md §1 unification, made precise: with m = N representatives equal to the
     tokens (R0 = w) and α_rep = 0, the contraction is MSSA's attention
     (Δ_h = softmax(w_h w_hᵀ/√p) w_h = MSSA_h), the extraction matrix is the same
     softmax Q_h, and CBSA's output per head is α_x Q_hᵀ · MSSA_h(w)."""
@@ -280,7 +281,8 @@ def test_mssa_linear_matches_hand_reference(head_dims):
 
 
 def test_mssa_tied_and_cross_attention_match_hand_reference():
-    """DEPICT form (SPEC §3): y = γ · concat_h(o_h) U; cross: q = x Uᵀ, k = v = ctx Uᵀ."""
+    """DEPICT form (docs/mechanisms.md §3): y = γ · concat_h(o_h) U; cross: q = x Uᵀ,
+    k = v = ctx Uᵀ."""
     heads, C = 3, 9
     model = randomize(build(dict(type='MSSA', embed_dims=C, num_heads=heads, head_dims=4,
                                  out_proj='tied')).double())
@@ -578,7 +580,7 @@ def test_cbsa_traced_path_equals_hand_written_backward(kwargs):
 
 
 def test_cbsa_flops_are_counted():
-    """mmengine's jit FLOP counter sees every product of CBSA (SPEC §1 cost)."""
+    """mmengine's jit FLOP counter sees every product of CBSA (docs/mechanisms.md §1 cost)."""
     from mmengine.analysis import FlopAnalyzer
     c, heads, m, side = 48, 3, 16, 8
     n, p = 1 + side * side, c // heads

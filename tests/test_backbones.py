@@ -22,7 +22,7 @@ def _pretrain_build(cfg):
 
 
 # ---------------------------------------------------------------------------------
-# parity with the reference classifiers (SPEC §7)
+# parity with the reference classifiers (docs/mechanisms.md §7)
 # ---------------------------------------------------------------------------------
 @pytest.mark.parametrize('path', fixture_params('vit_'))
 def test_reference_classifier_parity(path):
@@ -51,7 +51,7 @@ def test_converter_rejects_incomplete_state_dict():
 
 
 # ---------------------------------------------------------------------------------
-# an independent forward written from SPEC §1 with torch primitives
+# an independent forward written from docs/mechanisms.md §1 with torch primitives
 # ---------------------------------------------------------------------------------
 def _reference_forward(model: WhiteBoxViT, img: torch.Tensor) -> torch.Tensor:
     """Conv stem (conv → BN → GELU, no GELU after the last), [CLS; patches] + bicubic

@@ -1,6 +1,7 @@
-"""CBT decode head (SPEC §4): official parity, an in-test reference (SPEC §1 CBSA
-written out by loops), gradients, mmseg integration (loss / whole + slide predict at
-awkward sizes), multi-level inputs, attention swaps, converters and build errors."""
+"""CBT decode head (docs/mechanisms.md §4): official parity, an in-test reference
+(docs/mechanisms.md §1 CBSA written out by loops), gradients, mmseg integration (loss /
+whole + slide predict at awkward sizes), multi-level inputs, attention swaps, converters
+and build errors."""
 import math
 
 import pytest
@@ -62,7 +63,7 @@ def _avg_pool(img, out_h, out_w):
 
 
 def _cbsa(x, attn, hw, n_patch_first):
-    """SPEC §1 on one image ``x (N, d)`` whose first ``n_patch_first`` tokens are the
+    """docs/mechanisms.md §1 on one image ``x (N, d)`` whose first ``n_patch_first`` tokens are the
     ``h×w`` patches (the reference's order: patches, then classes)."""
     h, w = hw
     heads, p = attn.num_heads, attn.head_dims
@@ -82,7 +83,7 @@ def _cbsa(x, attn, hw, n_patch_first):
 
 
 def reference_cbt(head, feat):
-    """SPEC §4 on the head's parameters, patches first like the official code."""
+    """docs/mechanisms.md §4 on the head's parameters, patches first like the official code."""
     b, c_in, h, w = feat.shape
     x = feat.flatten(2).transpose(1, 2)
     if c_in != head.channels:

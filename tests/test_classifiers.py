@@ -1,6 +1,6 @@
 """mmpretrain classifiers: Primal reference parity (logits and KSVD loss), the KSVD
 classifier's loss dict, training through tools/train.py on the mini ImageNet, and
-parameter / FLOP counts against SPEC §1."""
+parameter / FLOP counts against docs/mechanisms.md §1."""
 import math
 import subprocess
 import sys
@@ -29,7 +29,7 @@ def _build(cfg):
 
 
 # ---------------------------------------------------------------------------------
-# parity with the reference Primal models (SPEC §6, §7)
+# parity with the reference Primal models (docs/mechanisms.md §6, §7)
 # ---------------------------------------------------------------------------------
 @pytest.mark.parametrize('path', fixture_params('primal'))
 def test_primal_reference_parity(path):
@@ -172,11 +172,11 @@ def test_train_cbt_nano_on_mini_imagenet(tmp_path):
 
 
 # ---------------------------------------------------------------------------------
-# params / FLOPs (SPEC §1 table) through mmengine's analysis
+# params / FLOPs (docs/mechanisms.md §1 table) through mmengine's analysis
 # ---------------------------------------------------------------------------------
 def _cbt_macs(d: int, depth: int, heads: int, p: int = 64, m: int = 64, img: int = 224,
               classes: int = 1000) -> int:
-    """Multiply-adds of a CBT classifier, written from SPEC §1 (mmengine's counting:
+    """Multiply-adds of a CBT classifier, written from docs/mechanisms.md §1 (mmengine's counting:
     convs/linears/matmuls as MACs, LayerNorm 5/element, eval BatchNorm 2/element,
     adaptive pooling 1/input element)."""
     chans = [3, d // 8, d // 4, d // 2, d]
@@ -203,12 +203,12 @@ def test_cbt_complexity(arch, d, depth, heads, params_m, flops_g):
                         backbone=dict(type='WhiteBoxViT', arch=arch),
                         head=dict(type='LinearClsHead', num_classes=1000, in_channels=d)))
     result = model_complexity(model, (3, 224, 224))
-    # parameters: the paper's table (SPEC §1) within 3 %
+    # parameters: the paper's table (docs/mechanisms.md §1) within 3 %
     assert abs(result['params'] / 1e6 - params_m) <= 0.03 * params_m, result['params']
-    # FLOPs: the counter sees every matmul of CBSA/ISTA (hand count from SPEC §1)
+    # FLOPs: the counter sees every matmul of CBSA/ISTA (hand count from docs/mechanisms.md §1)
     expected = _cbt_macs(d, depth, heads)
     assert math.isclose(result['flops'], expected, rel_tol=1e-3), (result['flops'], expected)
-    # The paper reports FLOPs as 2 × multiply-adds (SPEC §1 table): within ±10 %.
+    # The paper reports FLOPs as 2 × multiply-adds (docs/mechanisms.md §1 table): within ±10 %.
     paper_convention = 2 * result['flops']
     assert abs(paper_convention / 1e9 - flops_g) <= 0.10 * flops_g, paper_convention
 

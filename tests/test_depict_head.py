@@ -1,4 +1,4 @@
-"""DEPICT decode heads (SPEC §3): official parity, an in-test reference, mmseg
+"""DEPICT decode heads (docs/mechanisms.md §3): official parity, an in-test reference, mmseg
 integration (loss / whole + slide predict at awkward image sizes), gradients,
 converters and build-time errors."""
 import math
@@ -49,7 +49,8 @@ def test_infer_config_matches_fixture_config():
 
 # ------------------------------------------------------------ in-test reference
 def _mssa(q_src, kv_src, U, gamma, heads):
-    """softmax(q_h k_hᵀ/√p) k_h per head, then γ · concat · U (SPEC §3), by loops."""
+    """softmax(q_h k_hᵀ/√p) k_h per head, then γ · concat · U (docs/mechanisms.md §3), by
+    loops."""
     q, k = q_src @ U.t(), kv_src @ U.t()
     p = U.shape[0] // heads
     outs = []
@@ -61,7 +62,7 @@ def _mssa(q_src, kv_src, U, gamma, heads):
 
 
 def reference_depict(head, feat, heads, ca_heads=None):
-    """Plain re-statement of SPEC §3 on the head's parameters, patches first like
+    """Plain re-statement of docs/mechanisms.md §3 on the head's parameters, patches first like
     the official code."""
     b, c_in, h, w = feat.shape
     x = feat.flatten(2).transpose(1, 2)

@@ -122,7 +122,7 @@ def test_cbt_segmentation_config_trains_and_predicts(path):
     if cfg.model.backbone.type == 'WhiteBoxViT':  # the MiTA segmenters
         mita = model.backbone.layers[0].attn
         assert type(mita).__name__ == 'MiTA'
-        assert mita.num_landmarks == 49 and mita.topk == 49  # SPEC §5, segmentation
+        assert mita.num_landmarks == 49 and mita.topk == 49  # docs/mechanisms.md §5, segmentation
 
 
 def test_mixing_configs_cover_the_zoo():

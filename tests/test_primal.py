@@ -1,4 +1,4 @@
-"""Primal-Attention (SPEC §6): parity of whole reference classifiers (logits and KSVD
+"""Primal-Attention (docs/mechanisms.md §6): parity of whole reference classifiers (logits and KSVD
 loss) through a timm-like model composed here, a loop reference for the attention and
 its KSVD loss at training and other token counts, gradients, dtypes and errors."""
 import pytest
@@ -29,7 +29,7 @@ class _SoftmaxAttention(nn.Module):
 
 
 class _Block(nn.Module):
-    """timm pre-norm block; the attention sees ``LN1(X)`` (SPEC §6.2's data)."""
+    """timm pre-norm block; the attention sees ``LN1(X)`` (docs/mechanisms.md §6.2's data)."""
 
     def __init__(self, dim, attn):
         super().__init__()
@@ -84,10 +84,11 @@ def test_primal_classifiers_match_reference_fixture(path):
 
 # --------------------------------------------------------------------------- loop reference
 def reference_primal(x, sd, heads, num_samples):
-    """SPEC §6 head by head with explicit loops; returns (output, ksvd loss)."""
+    """docs/mechanisms.md §6 head by head with explicit loops; returns (output, ksvd loss)."""
     b, n, c = x.shape
     p = c // heads
-    idx = torch.linspace(0, n - 1, num_samples, dtype=torch.int64)  # SPEC §6.2 positions
+    # positions of docs/mechanisms.md §6.2
+    idx = torch.linspace(0, n - 1, num_samples, dtype=torch.int64)
     qk = x @ sd['qk.weight'].T + sd['qk.bias']
     outs, le, lr, count = [], 0., 0., 0
     for bi in range(b):
@@ -118,7 +119,7 @@ def reference_primal(x, sd, heads, num_samples):
     (17, 4, 2, 50),   # larger input than at training
     (17, 4, 2, 5),    # fewer tokens than samples: positions repeat
     (10, 4, 3, 10),   # n = N_train = 10: every token
-    (10, 4, 3, 37),   # the reference would crash here (SPEC §6 accident)
+    (10, 4, 3, 37),   # the reference would crash here (docs/mechanisms.md §6 accident)
 ])
 def test_primal_matches_loop_reference(train_tokens, low_rank, rank_multi, runtime_tokens):
     torch.manual_seed(0)

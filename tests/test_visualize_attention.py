@@ -27,7 +27,8 @@ def test_recorded_attention_is_the_extraction_softmax():
     torch.testing.assert_close(y_rec, y_plain, rtol=0, atol=1e-6)
     got = attn.last_attention
     assert got.shape == (2, 2, 6, prefix + h * w) and attn.last_hw_shape == (h, w)
-    # hand reference (SPEC §1.2-1.3): pool the patch tokens of w = x Uᵀ to 2x3, split heads
+    # hand reference (docs/mechanisms.md §1.2-1.3): pool the patch tokens of w = x Uᵀ to
+    # 2x3, split heads
     wx = x @ attn.in_proj.weight.t()  # (B, N, Hp)
     grid = wx[:, prefix:].reshape(2, h, w, 12).permute(0, 3, 1, 2)
     r0 = F.adaptive_avg_pool2d(grid, (2, 3)).flatten(2).transpose(1, 2)  # (B, 6, Hp)

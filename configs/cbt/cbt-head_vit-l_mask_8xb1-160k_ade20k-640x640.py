@@ -1,4 +1,4 @@
-# CBT decode head (the CBSA segmentation decoder, SPEC §4) on mmseg's Segmenter
+# CBT decode head (the CBSA segmentation decoder, docs/mechanisms.md §4) on mmseg's Segmenter
 # ViT-Large encoder, ADE20K, 640x640 crops (slide 640 / stride 608), as mmseg's
 # Segmenter ViT-L config.
 # Everything but the decode head (encoder, ImageNet-21k pretrained weights, data

@@ -1,4 +1,4 @@
-# CBT decode head (the CBSA segmentation decoder, SPEC §4) on mmseg's Segmenter
+# CBT decode head (the CBSA segmentation decoder, docs/mechanisms.md §4) on mmseg's Segmenter
 # ViT-Tiny encoder, ADE20K.
 # Everything but the decode head (encoder, ImageNet-21k pretrained weights, data
 # pipeline, SGD lr 1e-3 poly on the 160k schedule, batch 8 = 8 GPUs x 1, slide

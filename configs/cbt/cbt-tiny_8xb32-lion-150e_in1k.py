@@ -1,5 +1,5 @@
 # CBT-Tiny
-# ImageNet-1K, CBT recipe (SPEC §1): conv stem + [CBSA, ISTA] blocks,
+# ImageNet-1K, CBT recipe (docs/mechanisms.md §1): conv stem + [CBSA, ISTA] blocks,
 # Lion lr 2e-4 / wd 0.05, batch 256 (8 GPUs x 32), 150 epochs (20 warm-up),
 # label smoothing 0.1, random-resized-crop + flip only.
 _base_ = [

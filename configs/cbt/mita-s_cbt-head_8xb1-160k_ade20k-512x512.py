@@ -1,8 +1,8 @@
-# MiTA linear-time segmenter: MiTA-DeiT-S encoder (MiTA in every block, SPEC §5) with
-# the CBT decode head (SPEC §4), ADE20K 512x512, on mmseg's Segmenter ViT-S recipe
+# MiTA linear-time segmenter: MiTA-DeiT-S encoder (MiTA in every block, docs/mechanisms.md §5) with
+# the CBT decode head (docs/mechanisms.md §4), ADE20K 512x512, on mmseg's Segmenter ViT-S recipe
 # (data pipeline, SGD lr 1e-3 poly on the 160k schedule, batch 8 = 8 GPUs x 1,
 # slide inference 512 / stride 512).
-# Segmentation encoder setting of SPEC §5: 7x7 = 49 landmarks pooled from the patch
+# Segmentation encoder setting of docs/mechanisms.md §5: 7x7 = 49 landmarks pooled from the patch
 # grid, 49 routed keys per expert. Neither part is quadratic in the number of tokens.
 # No released MiTA checkpoint is loaded (pretrained=None): to start from an ImageNet
 # MiTA-DeiT-S trained with mmcbsa, set

@@ -2,7 +2,7 @@
 # Everything but the decode head (encoder, ImageNet-21k pretrained weights, data
 # pipeline, SGD lr 1e-3 poly on the 160k schedule, batch 8 = 8 GPUs x 1, slide
 # inference) comes from mmseg's Segmenter config, so the two are directly comparable.
-# Paper decoder (SPEC §3): L = 3 MSSA layers, H = 3 heads of width p = 100.
+# Paper decoder (docs/mechanisms.md §3): L = 3 MSSA layers, H = 3 heads of width p = 100.
 _base_ = ['mmseg::segmenter/segmenter_vit-t_mask_8xb1-160k_ade20k-512x512.py']
 custom_imports = dict(imports=['mmcbsa'], allow_failed_imports=False)
 

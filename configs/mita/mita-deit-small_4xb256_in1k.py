@@ -1,4 +1,5 @@
-# MiTA-DeiT-Small (SPEC §5): DeiT-S with Mixture-of-Top-k Attention (5x5 landmarks, k=25).
+# MiTA-DeiT-Small (docs/mechanisms.md §5): DeiT-S with Mixture-of-Top-k Attention
+# (5x5 landmarks, k=25).
 # DeiT recipe of mmpretrain's `deit-small_4xb256_in1k.py` (AdamW, 300 epochs, RandAugment,
 # Mixup/CutMix, label smoothing 0.1), with the backbone replaced.
 _base_ = ['mmpretrain::deit/deit-small_4xb256_in1k.py']

@@ -1,4 +1,4 @@
-# MiTA-DeiT-Tiny + DWC (SPEC §5): MiTA plus a 3x3 depth-wise conv of the values.
+# MiTA-DeiT-Tiny + DWC (docs/mechanisms.md §5): MiTA plus a 3x3 depth-wise conv of the values.
 # DeiT recipe of mmpretrain's `deit-tiny_4xb256_in1k.py` (AdamW, 300 epochs, RandAugment,
 # Mixup/CutMix, label smoothing 0.1), with the backbone replaced.
 _base_ = ['mmpretrain::deit/deit-tiny_4xb256_in1k.py']

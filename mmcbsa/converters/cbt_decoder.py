@@ -1,4 +1,4 @@
-"""Official CBT segmentation decoder (CBSA paper, SPEC §4) -> :class:`CBTHead` names.
+"""Official CBT segmentation decoder (CBSA paper, docs/mechanisms.md §4) -> :class:`CBTHead` names.
 
 ===================================  =========================================
 official                             mmcbsa :class:`~mmcbsa.models.CBTHead`

@@ -1,4 +1,4 @@
-"""Official DEPICT checkpoints -> mmcbsa / mmseg names (SPEC §3).
+"""Official DEPICT checkpoints -> mmcbsa / mmseg names (docs/mechanisms.md §3).
 
 Official decoder (``MaskTransformer``) parameters and their mmcbsa
 :class:`~mmcbsa.models.decode_heads.DEPICTHead` names:

@@ -91,7 +91,7 @@ def white_box_vit_model_cfg(config: Mapping, legacy_pooling: bool = True) -> dic
 
     Sizes come from ``config`` (``image_size``, ``patch_size``, ``num_classes``,
     ``dim``, ``depth``, ``heads``, ``dim_head``, ``attn``). CBSA uses the
-    reference's legacy pooling (SPEC §1) unless ``legacy_pooling=False``.
+    reference's legacy pooling (docs/mechanisms.md §1) unless ``legacy_pooling=False``.
     """
     kind = str(config['attn']).lower()
     attn = attention_kwargs_from_reference(kind, config)

@@ -1,5 +1,5 @@
 """The Lion optimizer (Chen et al., 2023, "Symbolic Discovery of Optimization
-Algorithms") for mmengine configs, used by the CBT recipe (SPEC §1: Lion, lr 2e-4,
+Algorithms") for mmengine configs, used by the CBT recipe (docs/mechanisms.md §1: Lion, lr 2e-4,
 weight decay 0.05).
 
 mmengine/mmpretrain/torch ship no Lion, so the maintained ``lion-pytorch`` package is

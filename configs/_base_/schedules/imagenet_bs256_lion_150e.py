@@ -1,5 +1,5 @@
-# CBT ImageNet-1K recipe (SPEC §1): Lion, lr 2e-4, weight decay 0.05, total batch 256,
-# 150 epochs with 20 linear warm-up epochs followed by a cosine decay.
+# CBT ImageNet-1K recipe (docs/mechanisms.md §1): Lion, lr 2e-4, weight decay 0.05,
+# total batch 256, 150 epochs with 20 linear warm-up epochs followed by a cosine decay.
 # `Lion` is registered into mmengine's OPTIMIZERS by `import mmcbsa` (lion-pytorch).
 # Weight decay applies to every parameter (no paramwise exclusions).
 optim_wrapper = dict(optimizer=dict(type='Lion', lr=2e-4, weight_decay=0.05,

@@ -1,5 +1,5 @@
 """Shared pieces of the attention family: argument checks, head splitting and the
-pooling of patch tokens into a small grid of representatives (SPEC §1.2, §5.1).
+pooling of patch tokens into a small grid of representatives (docs/mechanisms.md §1.2, §5.1).
 
 Token layout used by every mmcbsa attention: ``x`` is ``(B, N, C)`` with
 ``N - h*w >= 0`` prefix tokens (CLS, registers, class embeddings) first and the
@@ -125,7 +125,7 @@ def check_hw_shape(x: Tensor, hw_shape: Optional[Sequence[int]], owner: str) -> 
 
 def pool_patch_tokens(t: Tensor, hw_shape: Sequence[int], grid: Tuple[int, int],
                       legacy: bool = False) -> Tensor:
-    """Adaptive average pooling of patch tokens onto ``grid`` (SPEC §1.2).
+    """Adaptive average pooling of patch tokens onto ``grid`` (docs/mechanisms.md §1.2).
 
     Args:
         t: ``(B, N, C)`` tokens, prefix tokens first then ``h*w`` patches row-major.
@@ -133,7 +133,7 @@ def pool_patch_tokens(t: Tensor, hw_shape: Sequence[int], grid: Tuple[int, int],
         grid: ``(s_h, s_w)`` output grid; ``m = s_h * s_w``.
         legacy: reproduce the reference implementations instead: pool the first
             ``N - 1`` tokens in sequence order (CLS included, last patch dropped)
-            as a ``floor(sqrt(N))`` square (SPEC §1, "legacy pooling").
+            as a ``floor(sqrt(N))`` square (docs/mechanisms.md §1, "legacy pooling").
 
     Returns:
         ``(B, m, C)`` pooled tokens, row-major on ``grid``.

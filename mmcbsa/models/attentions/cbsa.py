@@ -1,4 +1,4 @@
-"""Contract-and-Broadcast Self-Attention (CBSA, NeurIPS 2025; SPEC §1).
+"""Contract-and-Broadcast Self-Attention (CBSA, NeurIPS 2025; docs/mechanisms.md §1).
 
 Implementation notes (performance, exact math):
 
@@ -78,7 +78,7 @@ def _linear_channels_last(t: Tensor, weight: Tensor, bias: Optional[Tensor]) -> 
 
 def _contract_broadcast(w_t: Tensor, r0_t: Tensor, a_rep: Tensor, a_x: Tensor,
                         scale: float) -> Tuple[Tensor, ...]:
-    """SPEC §1.3–1.5 on channels-first heads ``w_t (G, p, N)``, ``r0_t (G, p, m)``,
+    """docs/mechanisms.md §1.3–1.5 on channels-first heads ``w_t (G, p, N)``, ``r0_t (G, p, m)``,
     step sizes ``(G, 1, 1)``. Returns ``o_t (G, p, N)`` and the intermediates the
     backward needs: ``A (G, m, N)``, ``(A w)ᵀ``, ``Rᵀ``, ``Q (G, m, m)``, ``Δᵀ``."""
     # §1.3 extract: A = softmax_tokens(R0 wᵀ / √p);  Rᵀ = R0ᵀ + α_rep (A w)ᵀ
@@ -172,7 +172,7 @@ class _GridPool:
 
 
 class _ContractBroadcast(torch.autograd.Function):
-    """SPEC §1.3–1.5 on channels-first heads, hand-written backward.
+    """docs/mechanisms.md §1.3–1.5 on channels-first heads, hand-written backward.
 
     Inputs: ``w_t (G, p, N)`` contiguous (``G = B·H``, index ``b·H + h``), ``r0_t``
     ``(G, p, m)`` or ``None`` (then ``pool(w_t)``), ``step_rep``/``step_x`` ``(H,)``.
@@ -228,7 +228,7 @@ class _ContractBroadcast(torch.autograd.Function):
 class CBSA(BaseModule):
     """CBSA: contract ``m`` representatives, broadcast the update to all tokens.
 
-    With ``w = x Uᵀ`` split into ``H`` heads of width ``p`` (SPEC §1):
+    With ``w = x Uᵀ`` split into ``H`` heads of width ``p`` (docs/mechanisms.md §1):
 
     1. ``R0``: representatives, ``(B, H, m, p)`` — adaptive average pooling of the
        *patch* tokens of ``w`` onto an ``s_h × s_w`` grid (``rep_mode='pool'``), or
@@ -289,7 +289,7 @@ class CBSA(BaseModule):
         self.last_hw_shape: Optional[Tuple[int, int]] = None
 
     def _pooler(self, x: Tensor, hw_shape: Optional[Sequence[int]]) -> _GridPool:
-        """Which tokens are pooled, on which grid (SPEC §1.2 and its legacy form)."""
+        """Which tokens are pooled, on which grid (docs/mechanisms.md §1.2 and its legacy form)."""
         n = x.shape[1]
         if self.legacy_pooling:
             side = math.isqrt(max(n - 1, 0))

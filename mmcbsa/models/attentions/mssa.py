@@ -1,5 +1,5 @@
-"""Multi-head Subspace Self-Attention (CRATE, SPEC §2) and its tied-projection
-form used by the DEPICT decoders (SPEC §3)."""
+"""Multi-head Subspace Self-Attention (CRATE, docs/mechanisms.md §2) and its tied-projection
+form used by the DEPICT decoders (docs/mechanisms.md §3)."""
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -17,10 +17,10 @@ class MSSA(BaseModule):
     """MSSA: every head attends within its own learned subspace.
 
     ``w = x Uᵀ`` (``U ∈ R^{Hp×C}``, no bias) serves as query, key and value:
-    ``o_h = softmax(w_h w_hᵀ / √p) w_h`` (SPEC §2). The heads are merged and
+    ``o_h = softmax(w_h w_hᵀ / √p) w_h`` (docs/mechanisms.md §2). The heads are merged and
 
     - ``out_proj='linear'`` (CRATE): ``y = Linear_{Hp→C}(concat_h o_h)`` with bias;
-    - ``out_proj='tied'`` (DEPICT, SPEC §3): ``y = γ · concat_h(o_h) U`` with the
+    - ``out_proj='tied'`` (DEPICT, docs/mechanisms.md §3): ``y = γ · concat_h(o_h) U`` with the
       same ``U`` and a learned scalar step ``γ`` (standard-normal init).
 
     With ``context`` (cross-attention, DEPICT-CA): queries ``x Uᵀ``, keys and

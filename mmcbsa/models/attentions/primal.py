@@ -1,4 +1,4 @@
-"""Primal-Attention (NeurIPS 2023, arXiv 2305.19798; SPEC §6).
+"""Primal-Attention (NeurIPS 2023, arXiv 2305.19798; docs/mechanisms.md §6).
 
 Self-attention as an asymmetric kernel SVD solved in the primal: the ``N × N``
 attention matrix is never formed. The KSVD regulariser of each layer is kept on the
@@ -70,10 +70,10 @@ def sample_positions(num_tokens: int, num_samples: int, device=None) -> Tensor:
 
 @register_model()
 class PrimalAttention(BaseModule):
-    """Primal-Attention with the KSVD regulariser (SPEC §6).
+    """Primal-Attention with the KSVD regulariser (docs/mechanisms.md §6).
 
     For input ``x`` ``(B, N, C)`` (in a pre-norm block ``x = LN(X)``, the data used
-    for the projections; SPEC §6.2), heads ``H`` of width ``p = C/H`` and rank ``s``:
+    for the projections; docs/mechanisms.md §6.2), heads ``H`` of width ``p = C/H`` and rank ``s``:
 
     1. ``q, k = Linear_{C→2C}(x)`` per head, ``ℓ2``-normalised over ``p``;
     2. ``n`` evenly spaced positions of the runtime ``N`` (``n`` fixed at build time,
@@ -135,7 +135,7 @@ class PrimalAttention(BaseModule):
                 f'low_rank={self.low_rank}, num_samples={self.num_samples}')
 
     def ksvd_terms(self, e: Tensor, r: Tensor) -> Dict[str, Tensor]:
-        """The KSVD loss terms of SPEC §6.4 (scalars, at least float32).
+        """The KSVD loss terms of docs/mechanisms.md §6.4 (scalars, at least float32).
 
         Args:
             e, r: ``(B, H, N, s)`` projection scores.
@@ -170,7 +170,7 @@ class PrimalAttention(BaseModule):
 
 def collect_ksvd_loss(model: nn.Module) -> Tensor:
     """KSVD loss of a model: the mean of ``(L_e + L_r − T)²`` over its
-    :class:`PrimalAttention` layers (SPEC §6.4), from their latest forward.
+    :class:`PrimalAttention` layers (docs/mechanisms.md §6.4), from their latest forward.
 
     The total training loss is ``task loss + η · collect_ksvd_loss(model)``.
 

@@ -1,4 +1,4 @@
-"""Token Statistics Self-Attention (ToST, SPEC §2): linear in the token count."""
+"""Token Statistics Self-Attention (ToST, docs/mechanisms.md §2): linear in the token count."""
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -14,7 +14,7 @@ from .base import check_input_width, resolve_head_dims
 class TSSA(BaseModule):
     """TSSA: tokens are softly assigned to heads and scaled by second moments.
 
-    Per head ``h`` with ``w = x Wᵀ`` split into heads (SPEC §2):
+    Per head ``h`` with ``w = x Wᵀ`` split into heads (docs/mechanisms.md §2):
 
     - ``ŵ = w / ‖w‖`` over the token axis;
     - ``π = softmax_heads(τ_h Σ_p ŵ²)`` ``(B, H, N)``;

@@ -1,4 +1,5 @@
-"""Convolutional patch embedding of CBT / the white-box ViTs (SPEC §1, "Classifier")."""
+"""Convolutional patch embedding of CBT / the white-box ViTs (docs/mechanisms.md §1,
+"Classifier")."""
 import math
 from typing import Optional, Tuple
 
@@ -15,7 +16,8 @@ class ConvStem(BaseModule):
     For a patch size ``P = 2^k`` the stem has ``k`` convolutions (no bias), each
     followed by BatchNorm, with GELU between them but not after the last; the
     channels double towards ``C``: ``in → C/2^{k-1} → … → C/2 → C``. ``P = 16`` gives
-    ``3 → C/8 → C/4 → C/2 → C`` and ``P = 8`` gives ``3 → C/4 → C/2 → C`` (SPEC §1).
+    ``3 → C/8 → C/4 → C/2 → C`` and ``P = 8`` gives ``3 → C/4 → C/2 → C``
+    (docs/mechanisms.md §1).
 
     Inputs whose sides are not multiples of ``P`` are zero-padded at the bottom and
     right first (mmcv ``AdaptivePadding``, ``'corner'``, like mmseg's ViT), so the

@@ -1,5 +1,5 @@
 """One ViT family for every mmcbsa classifier/encoder: CBT, CRATE, ToST, MiTA-DeiT,
-Primal.+DeiT and PrimalFormer (SPEC §1, §2, §5, §6).
+Primal.+DeiT and PrimalFormer (docs/mechanisms.md §1, §2, §5, §6).
 
 All of them are ``[CLS; patches] + pos_embed`` followed by ``WhiteBoxBlock`` s; they
 differ only in the patch embedding (conv stem or a DeiT ``16×16`` conv), the
@@ -28,11 +28,11 @@ OUT_TYPES = ('cls_token', 'featmap', 'avg_featmap', 'raw')
 STEMS = ('conv', 'patch')
 
 # Families ------------------------------------------------------------------------
-# CBT (SPEC §1): conv stem, CBSA (p = 64, m = 64) + ISTA, no residual around ISTA,
+# CBT (docs/mechanisms.md §1): conv stem, CBSA (p = 64, m = 64) + ISTA, no residual around ISTA,
 # nn.LayerNorm's default eps 1e-5 as in the reference.
 _CBT = dict(stem='conv', layout='ista', norm_eps=1e-5, ffn_cfg=dict(type='ISTA'),
             attn_cfg=dict(type='CBSA', head_dims=64, num_reps=64))
-# CRATE / ToST as in the CBSA paper's same-backbone comparison (Table 4, SPEC §1):
+# CRATE / ToST as in the CBSA paper's same-backbone comparison (Table 4, docs/mechanisms.md §1):
 # CBT's conv stem and ISTA, only the attention changes. (The original CRATE used a
 # linear patch embedding; choose ``stem='patch'`` in a dict arch for that.)
 _CRATE = dict(_CBT, attn_cfg=dict(type='MSSA', head_dims=64))
@@ -42,12 +42,12 @@ _TOST = dict(_CBT, attn_cfg=dict(type='TSSA', head_dims=64))
 _DEIT = dict(stem='patch', layout='residual', norm_eps=1e-6, mlp_ratio=4,
              ffn_cfg=dict(type='FFN', act_cfg=dict(type='GELU')),
              attn_cfg=dict(type='MHSA', qkv_bias=True))
-# MiTA-DeiT (SPEC §5): 5×5 landmarks, k = 25 routed keys.
+# MiTA-DeiT (docs/mechanisms.md §5): 5×5 landmarks, k = 25 routed keys.
 _MITA_DEIT = dict(_DEIT, attn_cfg=dict(type='MiTA', num_landmarks=25, topk=25, qkv_bias=True))
 # MiTA-DeiT +DWC,Gate (docs/mechanisms.md §5b): input projection C -> 4C (q, k, v, g),
 # (attention + DWC(v)) ⊙ SiLU(g) before the output projection.
 _MITA_DEIT_DWC_GATE = dict(_MITA_DEIT, attn_cfg=dict(_MITA_DEIT['attn_cfg'], dwc=True, gate=True))
-# Primal-Attention (SPEC §6): Primal.+DeiT-S uses it in the last block only (s = 96);
+# Primal-Attention (docs/mechanisms.md §6): Primal.+DeiT-S uses it in the last block only (s = 96);
 # PrimalFormer in every block (s = 20). rank_multi = 10 in both.
 _PRIMAL_DEIT = dict(_DEIT, num_tail_layers=1,
                     tail_attn_cfg=dict(type='PrimalAttention', low_rank=96, rank_multi=10))
@@ -82,7 +82,7 @@ class WhiteBoxViT(BaseModule):
 
     ``x = [CLS; stem(img)] + pos_embed`` (interpolated to the input's patch grid),
     then ``num_layers`` ``WhiteBoxBlock`` s (each attention gets ``hw_shape``), and a
-    final LayerNorm after the last block (SPEC §1 "Classifier"; the classifier head
+    final LayerNorm after the last block (docs/mechanisms.md §1 "Classifier"; the classifier head
     is ``Linear`` on the normalised CLS token).
 
     Args:
@@ -318,7 +318,7 @@ class WhiteBoxViT(BaseModule):
     @staticmethod
     def _fill_train_tokens(attn_cfg: dict, num_tokens: int) -> None:
         """Give ``num_tokens_train`` (tokens at ``img_size``, CLS included) to attentions
-        whose constructor takes it (Primal-Attention, SPEC §6.2), unless set."""
+        whose constructor takes it (Primal-Attention, docs/mechanisms.md §6.2), unless set."""
         cls = attn_cfg.get('type')
         if isinstance(cls, str):
             cls = SEG_MODELS.get(cls)

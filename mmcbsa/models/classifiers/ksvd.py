@@ -1,5 +1,5 @@
 """mmpretrain image classifier that adds the KSVD regulariser of Primal-Attention
-layers to the task loss (SPEC §6.4)."""
+layers to the task loss (docs/mechanisms.md §6.4)."""
 from typing import List
 
 import torch
@@ -16,7 +16,7 @@ class KSVDImageClassifier(ImageClassifier):
 
     ``L_ksvd`` is the mean over the backbone's Primal-Attention layers of
     ``(L_e + L_r − trace)²`` from the forward pass that produced the task loss
-    (SPEC §6.4); the total loss mmengine optimises is the sum of the dict, i.e.
+    (docs/mechanisms.md §6.4); the total loss mmengine optimises is the sum of the dict, i.e.
     ``task loss + η · L_ksvd``. Without Primal-Attention layers the dict is exactly
     ``ImageClassifier``'s (no ``loss_ksvd`` key).
 

@@ -1,8 +1,8 @@
-"""CBT decode head: the CBSA segmentation decoder of the CBSA paper (SPEC §4).
+"""CBT decode head: the CBSA segmentation decoder of the CBSA paper (docs/mechanisms.md §4).
 
 "Towards Interpretable and Efficient Attention: Compressing All by Contracting a
-Few" (NeurIPS 2025, arXiv 2509.16875). DEPICT-SA's layout (SPEC §3) with CBSA
-(SPEC §1) in place of MSSA: cost linear in the number of patch tokens. The attention
+Few" (NeurIPS 2025, arXiv 2509.16875). DEPICT-SA's layout (docs/mechanisms.md §3) with CBSA
+(docs/mechanisms.md §1) in place of MSSA: cost linear in the number of patch tokens. The attention
 is :class:`mmcbsa.models.attentions.CBSA` built from the registry; the residual
 step and the mask read-out are :mod:`.class_mask_head`'s.
 """
@@ -23,19 +23,19 @@ _OWNER = 'CBTHead'
 
 @register_model(scopes=('mmseg', ))
 class CBTHead(ClassMaskHead):
-    """CBT decode head (SPEC §4).
+    """CBT decode head (docs/mechanisms.md §4).
 
     Feature map ``(B, C_in, h, w)`` -> patch tokens ``x (B, hw, d)`` (``d =
     channels``; ``Linear(C_in→d)`` when ``C_in != d``), class embeddings
     ``c (n_cls, d)``:
 
     ``t = [c; x]`` → ``num_layers`` × ``t ← t + CBSA(LN(t))`` (no FFN) → LN → split →
-    masks ``LN_cls(normalize(x) normalize(c)ᵀ)`` ``(B, n_cls, h, w)`` (SPEC §3, done
-    by :class:`ClassMaskHead`; mmseg upsamples them to the image).
+    masks ``LN_cls(normalize(x) normalize(c)ᵀ)`` ``(B, n_cls, h, w)``
+    (docs/mechanisms.md §3, done by :class:`ClassMaskHead`; mmseg upsamples them to the image).
 
     The representatives are pooled from the patch tokens only (the classes are
     prefix tokens and ``hw_shape=(h, w)`` is passed), onto a ``num_reps`` grid;
-    extraction and broadcast run over all ``n_cls + hw`` tokens (SPEC §4). CBSA is
+    extraction and broadcast run over all ``n_cls + hw`` tokens (docs/mechanisms.md §4). CBSA is
     permutation-equivariant apart from the pooling, so putting the classes first
     (mmcbsa's token layout) matches the reference, which appends them.
 
@@ -114,6 +114,6 @@ class CBTHead(ClassMaskHead):
         n_cls = c.shape[1]
         t = torch.cat((c, x), dim=1)  # (B, n_cls + hw, d): classes are prefix tokens
         for layer in self.layers:
-            t = layer(t, hw_shape=hw_shape)  # SPEC §4: t ← t + CBSA(LN(t))
+            t = layer(t, hw_shape=hw_shape)  # docs/mechanisms.md §4: t ← t + CBSA(LN(t))
         t = self.decoder_norm(t)
         return t[:, n_cls:], t[:, :n_cls]

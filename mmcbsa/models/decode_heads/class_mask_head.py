@@ -1,8 +1,8 @@
 """What the white-box decode heads share: class embeddings decoded jointly with the
-patch tokens, then a cosine-similarity mask read-out (SPEC §3 "Masks", §4).
+patch tokens, then a cosine-similarity mask read-out (docs/mechanisms.md §3 "Masks", §4).
 
-:class:`ClassMaskHead` holds the plumbing of :class:`~.DEPICTHead` (SPEC §3) and
-:class:`~.CBTHead` (SPEC §4): input checks, the feature map -> token projection, the
+:class:`ClassMaskHead` holds the plumbing of :class:`~.DEPICTHead` (docs/mechanisms.md §3) and
+:class:`~.CBTHead` (docs/mechanisms.md §4): input checks, the feature map -> token projection, the
 class embeddings, removal of :class:`BaseDecodeHead`'s 1×1 classifier and feature
 dropout, and the mask read-out with its class-axis LayerNorm. :class:`PreNormAttnLayer`
 is their one decoder step ``t ← t + attn(LN(t))`` around any mmcbsa attention; the
@@ -24,11 +24,11 @@ from ..attentions.base import check_positive, warn_once
 
 
 class PreNormAttnLayer(BaseModule):
-    """One pre-norm residual attention step (SPEC §3, §4), no feed-forward part.
+    """One pre-norm residual attention step (docs/mechanisms.md §3, §4), no feed-forward part.
 
     - self-attention (``context=None``): ``t ← t + attn(LN(t), hw_shape)``;
     - cross-attention: ``t ← t + attn(t, context=LN(context))`` — the queries ``t``
-      are not normalised, the keys/values source is (DEPICT-CA, SPEC §3); needs an
+      are not normalised, the keys/values source is (DEPICT-CA, docs/mechanisms.md §3); needs an
       attention whose ``forward`` takes ``context`` (e.g. ``MSSA``).
 
     Args:
@@ -162,7 +162,7 @@ class ClassMaskHead(BaseDecodeHead):
         self._init_class_params()
 
     def _init_class_params(self) -> None:
-        # SPEC §3: class embeddings trunc-normal(std 0.02).
+        # docs/mechanisms.md §3: class embeddings trunc-normal(std 0.02).
         trunc_normal_(self.cls_emb, std=self.init_std)
         if isinstance(self.input_proj, nn.Linear):
             trunc_normal_(self.input_proj.weight, std=self.init_std)

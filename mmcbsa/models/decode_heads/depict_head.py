@@ -1,4 +1,4 @@
-"""DEPICT decode heads: self-attention (SA) and cross-attention (CA) forms (SPEC §3).
+"""DEPICT decode heads: self-attention (SA) and cross-attention (CA) forms (docs/mechanisms.md §3).
 
 "Rethinking Decoders for Transformer-based Semantic Segmentation: A Compression
 Perspective" (NeurIPS 2024, arXiv 2411.03033). Both heads are stacks of MSSA steps
@@ -23,7 +23,7 @@ _OWNER = 'DEPICTHead'
 
 
 class DEPICTLayer(PreNormAttnLayer):
-    """One DEPICT step: ``t ← t + γ · MSSA_tied(LN(t))`` (SPEC §3).
+    """One DEPICT step: ``t ← t + γ · MSSA_tied(LN(t))`` (docs/mechanisms.md §3).
 
     Self-attention (``context=None``): ``w = LN(t) Uᵀ`` is query, key and value.
     Cross-attention: queries ``t Uᵀ`` from the (un-normalised) class embeddings,
@@ -46,7 +46,7 @@ class DEPICTLayer(PreNormAttnLayer):
             dict(type='MSSA', num_heads=num_heads, head_dims=head_dims, out_proj='tied',
                  attn_drop=attn_drop),
             norm_cfg=norm_cfg)
-        # U ~ N(0, 1) / √d (SPEC §3); γ keeps MSSA's standard-normal init.
+        # U ~ N(0, 1) / √d (docs/mechanisms.md §3); γ keeps MSSA's standard-normal init.
         nn.init.normal_(self.attn.in_proj.weight, mean=0., std=embed_dims ** -0.5)
 
 

@@ -18,7 +18,7 @@ class WhiteBoxBlock(BaseModule):
 
     Layouts:
 
-    - ``'ista'`` (CRATE / CBT, SPEC §1): ``z = x + attn(LN1(x))``, then
+    - ``'ista'`` (CRATE / CBT, docs/mechanisms.md §1): ``z = x + attn(LN1(x))``, then
       ``x' = ffn(LN2(z))`` — no residual around the feed-forward (ISTA) part.
     - ``'residual'`` (DeiT): ``x = x + attn(LN1(x))``, ``x = x + ffn(LN2(x))``.
 

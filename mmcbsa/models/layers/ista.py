@@ -1,4 +1,4 @@
-"""ISTA feed-forward layer of CRATE / CBT (SPEC §1, "CBT block")."""
+"""ISTA feed-forward layer of CRATE / CBT (docs/mechanisms.md §1, "CBT block")."""
 import math
 from typing import Optional
 
@@ -17,7 +17,7 @@ class ISTA(BaseModule):
     """One proximal-gradient step towards a sparse code in a learned dictionary.
 
     ``ISTA(u) = ReLU(u + η (u D − u Dᵀ D) − η λ)`` with a square dictionary
-    ``D ∈ R^{C×C}`` (row-vector convention; SPEC §1). There is no residual around
+    ``D ∈ R^{C×C}`` (row-vector convention; docs/mechanisms.md §1). There is no residual around
     it in the CBT/CRATE block. The gradient term is evaluated as ``(u − u Dᵀ) D``
     (two ``C×C`` products per token, exactly equal to the three-product form).
 
