@@ -15,18 +15,12 @@ Checkpoints are read with ``torch.load(weights_only=True)`` (torch's default); i
 :mod:`mmcbsa` allow-lists what mmengine stores besides the weights.
 """
 import argparse
-import os.path as osp
-import sys
 
-_REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
+from mmengine.config import Config
 
-from mmengine.config import Config  # noqa: E402
-
-import mmcbsa  # noqa: E402,F401  (registers modules and checkpoint safe globals)
-from mmcbsa.utils.tools_common import (add_runner_args, build_runner,  # noqa: E402
-                                       export_local_rank, load_config)
+import mmcbsa  # noqa: F401  (registers modules and checkpoint safe globals)
+from mmcbsa.utils.tools_common import (add_runner_args, build_runner, export_local_rank,
+                                       load_config)
 
 
 def parse_args(argv=None):
