@@ -503,11 +503,11 @@ class MiTA(BaseModule):
     ``O(N²)`` memory), ``'grouped'`` sorts queries by expert (``O(N)`` memory, a
     data-dependent block count). ``path='auto'`` takes ``'dense'`` for
     ``N <= dense_max_tokens`` (by default a cost model, see :meth:`use_dense`).
-    Measured (fwd+bwd against ``MHSA`` (SDPA), C=384, H=6, M=k=25, 1 CPU thread,
-    CPU time, median of interleaved repeats on a shared 2-core machine at load
-    2.2–2.8, docs/benchmark_attention.md): at ``N = 197``, batch 8, 1.35× on the
-    dense path and 3.8× on the grouped one; ``benchmark_attention.py`` (batch 1):
-    1.33× at ``N = 197`` (dense), 0.30× at ``N = 4097`` (grouped). At ``N = 197``
+    Measured (fwd+bwd against ``MHSA`` (SDPA), C=384, H=6, M=k=25,
+    docs/benchmark_attention.md): ``benchmark_attention.py`` defaults (batch 1, 2
+    threads, wall time) on an idle 2-core machine 1.77× at ``N = 197`` (dense) and
+    0.27× at ``N = 4097`` (grouped); 1 CPU thread, CPU time, batch 8, shared machine:
+    1.35× on the dense path and 3.8× on the grouped one at ``N = 197``. At ``N = 197``
     MiTA is not faster than SDPA although it computes 50 instead of 197 logits per
     query: its routing (top-k, argmax, index gathers) and agent expert (four
     ``M × N`` products, their softmax and backward) alone cost about as much as the
