@@ -51,10 +51,17 @@ def test_primal_reference_parity(path):
     assert all(k == 'PrimalAttention' for k in kinds[len(kinds) - n_primal:])
 
 
-def test_primal_converter_rejects_unknown_keys():
+def test_primal_converter_rejects_unknown_and_missing_keys():
     fx = load_fixture(fixture_params('primal_deit')[0].values[0])
     sd = dict(fx['state_dict'], **{'blocks.0.attn.extra': torch.zeros(1)})
     with pytest.raises(KeyError, match='blocks.0.attn.extra'):
+        convert_primal_vit(sd, fx['config'])
+    sd = dict(fx['state_dict'], extra_param=torch.zeros(1))
+    with pytest.raises(KeyError, match=r"unconverted reference keys \['extra_param'\]"):
+        convert_primal_vit(sd, fx['config'])
+    sd = dict(fx['state_dict'])
+    sd.pop('head.bias')
+    with pytest.raises(KeyError, match="missing reference key 'head.bias'"):
         convert_primal_vit(sd, fx['config'])
 
 

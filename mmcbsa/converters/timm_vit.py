@@ -16,6 +16,8 @@ from typing import Callable, Dict, Mapping
 
 from torch import Tensor
 
+from .renaming import StateDictRenamer
+
 __all__ = ['convert_timm_vit', 'convert_softmax_attention', 'infer_timm_vit_sizes',
            'timm_block_indices']
 
@@ -63,15 +65,8 @@ def convert_timm_vit(state_dict: Mapping[str, Tensor], convert_attention: Attent
         KeyError: a missing reference key, or reference keys left unconverted (all
             named: nothing is dropped silently).
     """
-    out: Dict[str, Tensor] = {}
-    used = set()
-
-    def take(src: str, dst: str) -> None:
-        if src not in state_dict:
-            raise KeyError(f'convert_timm_vit: missing reference key {src!r}')
-        out[prefix + dst] = state_dict[src]
-        used.add(src)
-
+    ren = StateDictRenamer(state_dict, prefix, 'convert_timm_vit')
+    take = ren.take
     for name in ('weight', 'bias'):
         take(f'patch_embed.proj.{name}', f'backbone.patch_embed.projection.{name}')
         take(f'norm.{name}', f'backbone.norm.{name}')
@@ -95,12 +90,8 @@ def convert_timm_vit(state_dict: Mapping[str, Tensor], convert_attention: Attent
             taken = len(renamed)
             raise KeyError(f'convert_timm_vit: block {i} attention has {len(attn_keys)} '
                            f'tensors but its converter took {taken}: {sorted(attn_keys)}')
-        out.update(renamed)
-        used.update(attn_keys)
-    left = sorted(set(state_dict) - used)
-    if left:
-        raise KeyError(f'convert_timm_vit: unconverted reference keys {left}')
-    return out
+        ren.add(renamed, attn_keys)
+    return ren.finish()
 
 
 def infer_timm_vit_sizes(state_dict: Mapping[str, Tensor]) -> dict:

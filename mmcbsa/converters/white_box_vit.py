@@ -20,6 +20,7 @@ from typing import Dict, Mapping
 
 from torch import Tensor
 
+from .renaming import StateDictRenamer
 from .white_box import attention_kwargs_from_reference, convert_attention
 
 _BN_KEYS = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')
@@ -51,15 +52,8 @@ def convert_white_box_vit(state_dict: Mapping[str, Tensor], config: Mapping,
     if str(config.get('ffn', 'ISTA')).upper() != 'ISTA':
         raise ValueError(f"convert_white_box_vit: only ffn='ISTA' references are "
                          f"supported, got {config.get('ffn')!r}")
-    out: Dict[str, Tensor] = {}
-    used = set()
-
-    def take(src: str, dst: str) -> None:
-        if src not in state_dict:
-            raise KeyError(f'convert_white_box_vit: missing reference key {src!r}')
-        out[prefix + dst] = state_dict[src]
-        used.add(src)
-
+    ren = StateDictRenamer(state_dict, prefix, 'convert_white_box_vit')
+    take = ren.take
     for k, i in enumerate(_stem_indices(state_dict)):
         src = f'to_patch_embedding.proj.{i}'
         take(f'{src}.0.weight', f'backbone.patch_embed.convs.{k}.conv.weight')
@@ -75,15 +69,11 @@ def convert_white_box_vit(state_dict: Mapping[str, Tensor], config: Mapping,
             take(f'{src}.1.norm.{name}', f'{dst}.norm2.{name}')
         take(f'{src}.1.fn.weight', f'{dst}.ffn.weight')
         attn = convert_attention(kind, state_dict, f'{src}.0.fn.', prefix + f'{dst}.attn.')
-        used.update(k for k in state_dict if k.startswith(f'{src}.0.fn.'))
-        out.update(attn)
+        ren.add(attn, (k for k in state_dict if k.startswith(f'{src}.0.fn.')))
     for name in ('weight', 'bias'):
         take(f'mlp_head.0.{name}', f'backbone.norm.{name}')
         take(f'mlp_head.1.{name}', f'head.fc.{name}')
-    left = sorted(set(state_dict) - used)
-    if left:
-        raise KeyError(f'convert_white_box_vit: unconverted reference keys {left}')
-    return out
+    return ren.finish()
 
 
 def white_box_vit_model_cfg(config: Mapping, legacy_pooling: bool = True) -> dict:
