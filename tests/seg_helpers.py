@@ -1,12 +1,19 @@
 """Scaffolding shared by the segmentation tests (test_cbt_head.py, test_depict_head.py,
-test_mixing.py): hand-written LayerNorm reference, tiny mmseg segmentors, data samples,
-and the loss / predict / gradient checks every decode head goes through.
+test_mixing.py, test_seg_benchmarks.py): hand-written LayerNorm reference, tiny mmseg
+segmentors, data samples, the loss / predict / gradient checks every decode head goes
+through, and a short tools/train.py run on generated mini data.
 
 Not a test module (no ``test_`` prefix); importable as ``from seg_helpers import ...``
 because tests/conftest.py puts tests/ on ``sys.path``. The asserts here carry their own
 messages: pytest does not rewrite asserts of helper modules.
 """
-from typing import Callable, List, Optional, Tuple
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -14,6 +21,8 @@ from mmengine.config import ConfigDict
 from mmengine.structures import PixelData
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def layer_norm_ref(t: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
@@ -130,3 +139,40 @@ def check_head_matches_fixture(head: nn.Module, fx: dict, tol: float) -> None:
         f'masks {tuple(masks.shape)}, fixture {tuple(fx["output"].shape)}, want {expected}'
     err = (masks - fx['output']).abs().max().item()
     assert err <= tol, f'max abs err {err:.3g} > {tol}'
+
+
+def train_on_mini_data(config: Path, dataset: str, tmp_path: Path, iters: int,
+                       size: Optional[Sequence[int]] = None) -> Tuple[List[dict], str, Path]:
+    """Generate a 4 + 2 image mini ``dataset`` (tools/misc/make_mini_dataset.py), train
+    ``config`` on it for ``iters`` iterations (batch 2, validation at the end) through
+    tools/train.py in a subprocess, and check that it exited cleanly and logged one
+    finite loss per iteration.
+
+    Returns:
+        The records of the visualizer's ``scalars.json``, the text of the Runner's log and
+        the work directory (checkpoint ``iter_{iters}.pth``).
+    """
+    data, work = tmp_path / f'mini_{dataset}', tmp_path / 'work'
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
+               PYTHONWARNINGS='ignore::UserWarning,ignore::DeprecationWarning')
+    make = [sys.executable, str(REPO / 'tools/misc/make_mini_dataset.py'), '--dataset',
+            dataset, '--out', str(data), '--num-train', '4', '--num-val', '2']
+    if size is not None:
+        make += ['--size', *map(str, size)]
+    subprocess.run(make, check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+    options = [f'{split}_dataloader.{key}' for split in ('train', 'val', 'test')
+               for key in (f'dataset.data_root={data}', 'num_workers=0',
+                           'persistent_workers=False')]
+    options += ['train_dataloader.batch_size=2', f'train_cfg.max_iters={iters}',
+                f'train_cfg.val_interval={iters}', 'default_hooks.logger.interval=1']
+    proc = subprocess.run([sys.executable, str(REPO / 'tools/train.py'), str(config),
+                           '--work-dir', str(work), '--cfg-options', *options],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    scalars = sorted(work.glob('*/vis_data/scalars.json'))
+    assert scalars, 'no scalars.json written by the visualizer backend'
+    records = [json.loads(line) for line in scalars[-1].read_text().splitlines()]
+    losses = [r['loss'] for r in records if 'loss' in r]
+    assert len(losses) == iters and all(math.isfinite(v) for v in losses), losses
+    log = ''.join(p.read_text() for p in work.glob('*/*.log'))
+    return records, log, work

@@ -8,9 +8,10 @@ import pytest
 import torch
 from conftest import fixture_params, load_fixture
 from mmseg.registry import MODELS
-from seg_helpers import (assert_all_grads, check_head_matches_fixture, check_resize_concat_head,
-                         check_segmentor_loss_and_grads, check_segmentor_predict,
-                         layer_norm_ref, randomise_layer_norms, tiny_vit_segmentor)
+from seg_helpers import (REPO, assert_all_grads, check_head_matches_fixture,
+                         check_resize_concat_head, check_segmentor_loss_and_grads,
+                         check_segmentor_predict, layer_norm_ref, randomise_layer_norms,
+                         tiny_vit_segmentor, train_on_mini_data)
 
 import mmcbsa  # noqa: F401  (registers CBTHead)
 from mmcbsa.converters import (cbt_head_kwargs_from_reference, convert_cbt_decoder,
@@ -246,43 +247,14 @@ def test_convert_segmenter_prefixes():
 def test_mita_segmenter_trains_with_train_tool(tmp_path):
     """A few iterations of the MiTA + CBT-head segmenter on the synthetic mini ADE20K
     through tools/train.py (mmengine Runner, mmseg dataset/pipeline/IoUMetric)."""
-    import json
     import re
-    import subprocess
-    import sys
-    from pathlib import Path
-    repo = Path(__file__).resolve().parents[1]
-    data, work = tmp_path / 'mini_ade20k', tmp_path / 'work'
-    subprocess.run([sys.executable, str(repo / 'tools/misc/make_mini_dataset.py'),
-                    '--dataset', 'ade20k', '--out', str(data), '--num-train', '4',
-                    '--num-val', '2', '--size', '96', '128'], check=True, cwd=repo)
     iters = 3
-    options = [
-        f'train_dataloader.dataset.data_root={data}', f'val_dataloader.dataset.data_root={data}',
-        f'test_dataloader.dataset.data_root={data}',
-        'train_dataloader.batch_size=2', 'train_dataloader.num_workers=0',
-        'train_dataloader.persistent_workers=False', 'val_dataloader.num_workers=0',
-        'val_dataloader.persistent_workers=False', 'test_dataloader.num_workers=0',
-        'test_dataloader.persistent_workers=False',
-        f'train_cfg.max_iters={iters}', f'train_cfg.val_interval={iters}',
-        'default_hooks.logger.interval=1',
-    ]
-    proc = subprocess.run(
-        [sys.executable, str(repo / 'tools/train.py'),
-         str(repo / 'configs/cbt/mita-nano_cbt-head_1xb8-mini-ade20k-128x128.py'),
-         '--work-dir', str(work), '--cfg-options', *options],
-        cwd=repo, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    scalars = sorted(work.glob('*/vis_data/scalars.json'))
-    assert scalars, 'no scalars.json written by the visualizer backend'
-    records = [json.loads(line) for line in scalars[-1].read_text().splitlines()]
-    losses = [r['loss'] for r in records if 'loss' in r]
-    assert len(losses) == iters and all(math.isfinite(v) for v in losses)
+    config = REPO / 'configs/cbt/mita-nano_cbt-head_1xb8-mini-ade20k-128x128.py'
+    records, log, work = train_on_mini_data(config, 'ade20k', tmp_path, iters, size=(96, 128))
     miou = [r['mIoU'] for r in records if 'mIoU' in r]
     assert miou and 0.0 <= miou[-1] <= 100.0
     ckpt = torch.load(work / f'iter_{iters}.pth', map_location='cpu', weights_only=True)
     sd = ckpt['state_dict']
     assert 'backbone.layers.0.attn.qkv.weight' in sd  # MiTA's projection
     assert sd['decode_head.layers.0.attn.step_x'].shape == (3, )  # CBSA in the head
-    log = ''.join(p.read_text() for p in work.glob('*/*.log'))
     assert re.search(rf'Iter\(train\) \[{iters}/{iters}\]', log)

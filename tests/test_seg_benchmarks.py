@@ -7,17 +7,13 @@
   Runner, mmseg's CityscapesDataset, pipeline, slide inference and IoUMetric).
 """
 import functools
-import json
-import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from mmengine.config import Config
+from seg_helpers import train_on_mini_data
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / 'configs'
@@ -78,33 +74,11 @@ def test_benchmark_config_is_the_ade20k_config_on_new_data(rel, suffix):
 def test_mini_cityscapes_trains_with_train_tool(tmp_path):
     """A few iterations of the mini Cityscapes DEPICT-CA config through tools/train.py on
     a freshly generated 128x256 mini Cityscapes, then a slide-window validation."""
-    data, work = tmp_path / 'mini_cityscapes', tmp_path / 'work'
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
-               PYTHONWARNINGS='ignore::UserWarning,ignore::DeprecationWarning',
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    subprocess.run([sys.executable, str(REPO / 'tools/misc/make_mini_dataset.py'),
-                    '--dataset', 'cityscapes', '--out', str(data), '--num-train', '4',
-                    '--num-val', '2'], check=True, cwd=REPO, env=env,
-                   stdout=subprocess.DEVNULL)
     iters = 3
-    options = [f'{split}_dataloader.{key}' for split in ('train', 'val', 'test')
-               for key in (f'dataset.data_root={data}', 'num_workers=0',
-                           'persistent_workers=False')]
-    options += ['train_dataloader.batch_size=2', f'train_cfg.max_iters={iters}',
-                f'train_cfg.val_interval={iters}', 'default_hooks.logger.interval=1']
     config = CONFIGS / 'depict/depict-ca_vit-tiny-p8_1xb8-300it_mini-cityscapes-96x96.py'
-    proc = subprocess.run([sys.executable, str(REPO / 'tools/train.py'), str(config),
-                           '--work-dir', str(work), '--cfg-options', *options],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    scalars = sorted(work.glob('*/vis_data/scalars.json'))
-    assert scalars, 'no scalars.json written by the visualizer backend'
-    records = [json.loads(line) for line in scalars[-1].read_text().splitlines()]
-    losses = [r['loss'] for r in records if 'loss' in r]
-    assert len(losses) == iters and all(math.isfinite(v) for v in losses)
+    records, log, work = train_on_mini_data(config, 'cityscapes', tmp_path, iters)
     miou = [r['mIoU'] for r in records if 'mIoU' in r]
     assert len(miou) == 1 and 0.0 <= miou[0] <= 100.0
-    log = ''.join(p.read_text() for p in work.glob('*/*.log'))
     assert re.search(rf'Iter\(train\) \[{iters}/{iters}\]', log)
     assert re.search(r'Iter\(val\) \[2/2\]', log)  # both validation images
     ckpt = torch.load(work / f'iter_{iters}.pth', map_location='cpu', weights_only=True)
