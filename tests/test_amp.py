@@ -143,6 +143,9 @@ def test_train_tool_amp_runs_on_this_machine(tmp_path):
 
 def test_train_tool_user_error_is_one_line(tmp_path, capsys):
     tiny_seg_runner_cfg(tmp_path, 'bad', max_iters=1)
-    with pytest.raises(SystemExit, match='train.py: error: .*optim_wrapper.type'):
+    with pytest.raises(SystemExit) as exc:
         _train_tool().main([str(tmp_path / 'tiny_bad.py'), '--amp', '--cfg-options',
                             'optim_wrapper.type=OptimWrapperDict'])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(r'train\.py: error: .*optim_wrapper\.type', err[0]), err

@@ -29,9 +29,9 @@ TIMEOUT = 900
 
 def _env(**extra):
     env = dict(os.environ)
+    # no PYTHONPATH: the tools run on the installed mmcbsa, as a user's do
     env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
-               PYTHONWARNINGS='ignore::UserWarning,ignore::DeprecationWarning',
-               PYTHONPATH=str(REPO) + os.pathsep + env.get('PYTHONPATH', ''))
+               PYTHONWARNINGS='ignore::UserWarning,ignore::DeprecationWarning')
     # torch>=2.6 already defaults to weights_only=True; force it for every torch.load
     # the tools make, so the tests do not depend on that default.
     env['TORCH_FORCE_WEIGHTS_ONLY_LOAD'] = '1'
@@ -174,6 +174,24 @@ def test_resume_from_path(tiny, trained, tmp_path):
     log = _logs(tmp_path)
     assert f'Load checkpoint from {work / "iter_2.pth"}' in log
     assert 'resumed epoch: 0, iter: 2' in log and 'Iter(train) [3/3]' in log
+
+
+@pytest.mark.parametrize('tool, args, message', [
+    ('train.py', ['missing.py'], 'config file not found: missing.py'),
+    ('test.py', [MAIN_CONFIG, 'missing.pth'], 'checkpoint not found: missing.pth'),
+    ('train.py', [MAIN_CONFIG, '--cfg-options', 'train_dataloader.dataset.data_root=nowhere'],
+     "No such file or directory: 'nowhere/"),
+])
+def test_user_mistakes_are_one_line(tool, args, message, tmp_path):
+    """A missing config, checkpoint or dataset: one ``TOOL: error: ...`` line on
+    stderr and exit status 2, no traceback."""
+    proc = subprocess.run([PY, str(REPO / 'tools' / tool), *map(str, args), '--work-dir',
+                           str(tmp_path)], cwd=REPO, env=_env(), timeout=TIMEOUT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(f'{tool}: error: ')]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
 
 
 def test_stock_torch_load_needs_the_allow_list(trained):

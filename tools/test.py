@@ -15,12 +15,13 @@ Checkpoints are read with ``torch.load(weights_only=True)`` (torch's default); i
 :mod:`mmcbsa` allow-lists what mmengine stores besides the weights.
 """
 import argparse
+import os.path as osp
 
 from mmengine.config import Config
 
 import mmcbsa  # noqa: F401  (registers modules and checkpoint safe globals)
 from mmcbsa.utils.tools_common import (add_runner_args, build_runner, export_local_rank,
-                                       load_config)
+                                       load_config, missing_data, user_errors)
 
 
 def parse_args(argv=None):
@@ -99,6 +100,8 @@ def _pretrain_options(cfg: Config, args) -> None:
 
 
 def build_cfg(args) -> Config:
+    if not osp.isfile(args.checkpoint):
+        raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
     cfg = load_config(args)  # launcher, --cfg-options, work_dir as in tools/train.py
     cfg.load_from = args.checkpoint
 
@@ -114,13 +117,14 @@ def build_cfg(args) -> Config:
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = build_cfg(args)
-    runner = build_runner(cfg)  # gloo + CPU DDP when CUDA is unavailable
-
-    if args.out is not None and cfg.get('default_scope') == 'mmpretrain':
-        from mmengine.evaluator import DumpResults
-        runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
-    runner.test()
+    with user_errors('test.py'):  # a mistake in the arguments / config: one line
+        cfg = build_cfg(args)
+    with missing_data('test.py'):
+        runner = build_runner(cfg)  # gloo + CPU DDP when CUDA is unavailable
+        if args.out is not None and cfg.get('default_scope') == 'mmpretrain':
+            from mmengine.evaluator import DumpResults
+            runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
+        runner.test()
 
 
 if __name__ == '__main__':

@@ -23,7 +23,7 @@ from mmengine.config import Config
 import mmcbsa  # noqa: F401  (registers modules and checkpoint safe globals)
 from mmcbsa.engine import configure_amp
 from mmcbsa.utils.tools_common import (add_runner_args, build_runner, export_local_rank,
-                                       load_config)
+                                       load_config, missing_data, user_errors)
 
 
 def parse_args(argv=None):
@@ -69,15 +69,14 @@ def build_cfg(args) -> Tuple[Config, Optional[str]]:
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with user_errors('train.py'):  # a mistake in the config / options: one line
         cfg, amp_note = build_cfg(args)
-    except ValueError as err:  # a user's mistake in the config / options: one line
-        raise SystemExit(f'train.py: error: {err}')
-    # CPU-only machines: gloo process group + DDP without device ids (no-op with CUDA).
-    runner = build_runner(cfg)
-    if amp_note is not None:
-        runner.logger.info(amp_note)
-    runner.train()
+    with missing_data('train.py'):
+        # CPU-only machines: gloo process group + DDP without device ids (no-op with CUDA)
+        runner = build_runner(cfg)
+        if amp_note is not None:
+            runner.logger.info(amp_note)
+        runner.train()
 
 
 if __name__ == '__main__':

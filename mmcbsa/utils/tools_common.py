@@ -48,7 +48,10 @@ def export_local_rank(args: argparse.Namespace) -> None:
 def load_config(args: argparse.Namespace) -> Config:
     """``Config.fromfile(args.config)`` with ``--launcher``, ``--cfg-options`` and the
     work directory applied (priority: ``--work-dir`` > the config's ``work_dir`` >
-    ``./work_dirs/<config file name without .py>``)."""
+    ``./work_dirs/<config file name without .py>``). A missing config file is a
+    ``FileNotFoundError`` naming it."""
+    if not osp.isfile(args.config):
+        raise FileNotFoundError(f'config file not found: {args.config}')
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
@@ -88,6 +91,21 @@ def user_errors(prog: str):
     except (FileNotFoundError, ValueError, KeyError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f'{prog}: error: {msg}', file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+@contextlib.contextmanager
+def missing_data(prog: str):
+    """While a runner builds its data loaders and runs: a missing file or directory
+    (usually a ``data_root`` or ann file of the config that is not on this machine) is
+    one line ``PROG: error: ...`` and exit status 2. Only ``FileNotFoundError``: any
+    other error during training or testing keeps its traceback."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        print(f'{prog}: error: {exc} (check the data_root / ann_file of the config\'s data '
+              'loaders, e.g. --cfg-options test_dataloader.dataset.data_root=PATH)',
+              file=sys.stderr)
         raise SystemExit(2) from None
 
 
