@@ -6,6 +6,9 @@ gradcheck; dense vs grouped path; float32 routing under bf16 autocast; small inp
 CUDA (marked); build errors and the converter."""
 import contextlib
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +17,9 @@ from conftest import fixture_params, load_fixture
 from mmcbsa.converters.mita import convert_mita_attention, mita_kwargs_from_reference
 from mmcbsa.models.attentions import base as attn_base
 from mmcbsa.models.attentions.mita import MiTA
+from mmcbsa.ops import mita_cpu
+
+PATHS = ('kernel', 'dense', 'grouped')  # test_mita_cpu_kernel_builds says why if one fails
 
 
 # --------------------------------------------------------------------------- reference
@@ -117,7 +123,7 @@ def test_mita_matches_reference_fixture(path):
     assert kwargs['num_landmarks'] == (cfg['pool_size'], cfg['pool_size'])
     n = x.shape[1]
     side = math.isqrt(n - 1)  # [CLS; side×side patches], as recorded
-    for exec_path in ('dense', 'grouped'):
+    for exec_path in PATHS:
         attn = MiTA(**kwargs, path=exec_path).eval()
         attn.load_state_dict(convert_mita_attention(fx['state_dict']), strict=True)
         with torch.no_grad():
@@ -151,7 +157,7 @@ CASES = {
 
 
 @pytest.mark.filterwarnings('ignore:MiTA.*landmarks')
-@pytest.mark.parametrize('exec_path', ['dense', 'grouped'])
+@pytest.mark.parametrize('exec_path', PATHS)
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_mita_matches_hand_reference_and_gradients(name, exec_path):
     kwargs, b, npre, hw = CASES[name]
@@ -179,8 +185,8 @@ def test_mita_matches_hand_reference_and_gradients(name, exec_path):
         assert (prm.grad - sd[pname].grad).abs().max().item() <= 5e-5 * scale, pname
 
 
-@pytest.mark.parametrize('exec_path', ['dense', 'grouped'])
-@pytest.mark.parametrize('variant', [dict(dwc=True, gate=True), dict(mode='routed')])
+@pytest.mark.parametrize('exec_path', PATHS)
+@pytest.mark.parametrize('variant', [dict(), dict(dwc=True, gate=True), dict(mode='routed')])
 @pytest.mark.parametrize('npre,hw', [(1, (3, 3)), (2, (2, 3))])
 def test_mita_float64_gradcheck(variant, npre, hw, exec_path):
     attn = _random_module(torch.float64, embed_dims=8, num_heads=2, num_landmarks=4,
@@ -192,22 +198,23 @@ def test_mita_float64_gradcheck(variant, npre, hw, exec_path):
 
 
 @pytest.mark.parametrize('variant', [dict(), dict(dwc=True, gate=True), dict(mode='routed')])
-def test_mita_dense_and_grouped_paths_agree(variant):
-    """Both paths, forced, on the same input: same output and gradients (float32)."""
+def test_mita_execution_paths_agree(variant):
+    """Every path, forced, on the same input: same output and gradients (float32)."""
     torch.manual_seed(3)
-    dense = MiTA(32, 4, num_landmarks=(3, 4), topk=9, path='dense', **variant)
-    grouped = MiTA(32, 4, num_landmarks=(3, 4), topk=9, path='grouped', query_block_size=5,
-                   **variant)
-    grouped.load_state_dict(dense.state_dict())
+    modules = [MiTA(32, 4, num_landmarks=(3, 4), topk=9, path=p, query_block_size=5,
+                    **variant) for p in PATHS]
+    for attn in modules[1:]:
+        attn.load_state_dict(modules[0].state_dict())
     x = torch.randn(3, 1 + 9 * 11, 32)
     results = []
-    for attn in (dense, grouped):
+    for attn in modules:
         xi = x.clone().requires_grad_(True)
         out = attn(xi, hw_shape=(9, 11))
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         results.append([out.detach(), xi.grad] + [p.grad for p in attn.parameters()])
-    for a, b in zip(*results):
-        assert (a - b).abs().max().item() <= 1e-5 * max(1.0, a.abs().max().item())
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert (a - b).abs().max().item() <= 1e-5 * max(1.0, a.abs().max().item())
 
 
 def test_mita_auto_path_choice():
@@ -218,6 +225,13 @@ def test_mita_auto_path_choice():
     assert not MiTA(32, 2, dense_max_tokens=100).use_dense(101)
     assert not MiTA(32, 2, path='grouped').use_dense(10)
     assert MiTA(32, 2, path='dense').use_dense(10 ** 6)
+    # the compiled CPU kernel whenever it can run (any N), else the rule above
+    x = torch.randn(1, 17, 32)
+    assert attn.use_kernel(x, torch.float32, False)
+    assert attn.use_kernel(x.double(), torch.float64, False)
+    assert not attn.use_kernel(x, torch.bfloat16, False)  # reduced-precision autocast
+    assert not attn.use_kernel(x, torch.float32, True)  # routing from outside
+    assert not MiTA(32, 2, path='dense').use_kernel(x, torch.float32, False)
 
 
 @pytest.mark.parametrize('max_blocks', [1, 3, 16384])
@@ -267,8 +281,11 @@ def test_mita_bf16_autocast_routes_like_float32(hw, variant):
     x = torch.randn(2, 1 + hw[0] * hw[1], 192)
     p99, routing32, routing16 = _token_drift(attn, x, hw)
     assert p99 < 0.05
-    for a, b in zip(routing32, routing16):  # the decisions of the float32 model
-        assert torch.equal(a, b)
+    expert32, keys32 = routing32
+    expert16, keys16 = routing16
+    assert torch.equal(expert32, expert16)  # the decisions of the float32 model
+    # I_m is a set (its order depends on the execution path)
+    assert torch.equal(keys32.sort(-1).values, keys16.sort(-1).values)
 
 
 def test_mita_gradients_bf16_autocast_and_fp16():
@@ -348,18 +365,18 @@ def test_mita_recording():
 
 # --------------------------------------------------------------------------- torch.compile
 def test_mita_compiles_and_matches_eager():
-    """Both paths under ``torch.compile``: the dense path is one graph, the grouped path
+    """Every path under ``torch.compile``: kernel and dense paths are one graph, the grouped path
     breaks only where it counts its expert blocks; forward and gradients equal eager.
     (The AOT-autograd backend captures the same forward/backward graphs inductor gets;
     inductor itself was checked by hand, its cold compile of this module takes 30-50 s.)"""
     torch.manual_seed(6)
     eager = MiTA(16, 2, num_landmarks=4, topk=5, dwc=True, gate=True)
     x = torch.randn(2, 1 + 4 * 5, 16)
-    for exec_path in ('dense', 'grouped'):
+    for exec_path in PATHS:
         eager.path = exec_path
         torch._dynamo.reset()
         explain = torch._dynamo.explain(eager)(x.clone().requires_grad_(True), hw_shape=(4, 5))
-        if exec_path == 'dense':
+        if exec_path != 'grouped':  # the kernel is one custom-op node of the graph
             assert explain.graph_break_count == 0
         else:
             assert explain.graph_break_count > 0
@@ -376,6 +393,108 @@ def test_mita_compiles_and_matches_eager():
         for a, b in zip(*res):
             assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
     torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- CPU kernel
+def test_mita_cpu_kernel_builds():
+    """The compiled kernel is built here (CI has a C compiler); if not, the reason."""
+    assert mita_cpu.available(), mita_cpu.unavailable_reason()
+    assert mita_cpu.unavailable_reason() is None
+
+
+def test_mita_kernel_float64_matches_other_paths_at_large_n():
+    """N = 1 + 32·40 (the grouped path's regime), float64 so that no routing decision
+    sits on a rounding tie: kernel, dense and grouped agree to 1e-10, gradients too."""
+    torch.manual_seed(8)
+    base = MiTA(48, 3, num_landmarks=(3, 4), topk=70, dwc=True, gate=True).double()
+    x = torch.randn(2, 1 + 32 * 40, 48, dtype=torch.float64)
+    cot = torch.randn_like(x)
+    results = []
+    for exec_path in PATHS:
+        attn = MiTA(48, 3, num_landmarks=(3, 4), topk=70, dwc=True, gate=True,
+                    path=exec_path).double()
+        attn.load_state_dict(base.state_dict())
+        xi = x.clone().requires_grad_(True)
+        out = attn(xi, hw_shape=(32, 40))
+        (out * cot).sum().backward()
+        results.append([out.detach(), xi.grad] + [p.grad for p in attn.parameters()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert (a - b).abs().max().item() <= 1e-10 * max(1.0, a.abs().max().item())
+
+
+def test_mita_kernel_ties_threads_and_records():
+    """Equal tokens (every routing score tied): the kernel picks ``k'`` distinct keys and
+    gives the dense path's output; the result does not depend on the thread count; the
+    recorded routing has the documented shapes and is a valid set of keys."""
+    attn = MiTA(32, 2, num_landmarks=4, topk=6, path='kernel')
+    dense = MiTA(32, 2, num_landmarks=4, topk=6, path='dense')
+    dense.load_state_dict(attn.state_dict())
+    x = torch.randn(1, 1, 32).expand(2, 1 + 5 * 5, 32).contiguous()
+    attn.record_attention = True
+    with torch.no_grad():
+        out = attn(x, hw_shape=(5, 5))
+        assert torch.allclose(out, dense(x, hw_shape=(5, 5)), atol=1e-6)
+    keys = attn.last_routed_keys
+    assert keys.shape == (2, 2, 4, 6)
+    assert all(len(set(row.tolist())) == 6 for row in keys.reshape(-1, 6))
+    torch.manual_seed(9)
+    x = torch.randn(3, 1 + 7 * 9, 32)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                outs.append(attn(x, hw_shape=(7, 9)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])  # one (batch, head) group per thread: no races
+
+
+def test_mita_kernel_falls_back_and_refuses(monkeypatch):
+    """Without the kernel, path='auto' runs the PyTorch paths and path='kernel' names
+    the reason; the kernel refuses inputs it does not support, naming the parameter."""
+    x = torch.randn(2, 1 + 4 * 4, 32)
+    attn = MiTA(32, 2, num_landmarks=4, topk=5)
+    ref = attn(x, hw_shape=(4, 4))
+    monkeypatch.setattr(mita_cpu, '_lib', None)
+    monkeypatch.setattr(mita_cpu, '_reason', 'no C compiler (test)')
+    assert not attn.use_kernel(x, torch.float32, False)
+    assert torch.allclose(attn(x, hw_shape=(4, 4)), ref, atol=1e-6)
+    attn.path = 'kernel'
+    with pytest.raises(ValueError, match=r"path='kernel'.*no C compiler \(test\)"):
+        attn(x, hw_shape=(4, 4))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"path='kernel'.*float32 or float64"):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            attn(x, hw_shape=(4, 4))
+    y = torch.randn(1, 17, 96)
+    with pytest.raises(ValueError, match='topk=18'):
+        mita_cpu.mita_forward(y, 2, 16, (1, 4, 4, 2, 2), 18, False)
+    with pytest.raises(ValueError, match='width'):
+        mita_cpu.mita_forward(y[..., :90], 2, 16, (1, 4, 4, 2, 2), 4, False)
+
+
+def test_mita_kernel_compile_failure_is_a_warning(tmp_path):
+    """A compiler that fails (here ``false``) leaves a one-line warning and the
+    PyTorch paths; nothing is cached."""
+    code = ('import warnings, torch\n'
+            'from mmcbsa.ops import mita_cpu\n'
+            'from mmcbsa.models.attentions.mita import MiTA\n'
+            'with warnings.catch_warnings(record=True) as w:\n'
+            '    warnings.simplefilter("always")\n'
+            '    attn = MiTA(32, 2, num_landmarks=4, topk=5)\n'
+            'print(mita_cpu.available(), len(w), str(w[0].message))\n'
+            'print(attn(torch.randn(1, 17, 32), hw_shape=(4, 4)).shape)\n')
+    env = dict(os.environ, CC='false', MMCBSA_KERNEL_DIR=str(tmp_path / 'kernels'))
+    res = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    first, second = res.stdout.strip().splitlines()[-2:]
+    assert first.startswith('False 1 MiTA: CPU kernel unavailable') and 'false failed' in first
+    assert second == 'torch.Size([1, 17, 32])'
+    assert not list((tmp_path / 'kernels').glob('*.so'))
 
 
 # --------------------------------------------------------------------------- CUDA
@@ -410,6 +529,18 @@ def test_mita_cuda_matches_cpu_float32(variant, exec_path, dtype):
     for (name, pc), pg in zip(cpu.named_parameters(), gpu.parameters()):
         rel = (pg.grad.float().cpu() - pc.grad).norm() / pc.grad.norm()
         assert rel < 2 * tol, name
+
+
+@pytest.mark.cuda
+def test_mita_kernel_path_is_cpu_only():
+    """path='auto' takes the PyTorch paths on CUDA; path='kernel' says it needs a CPU."""
+    attn = MiTA(32, 2, num_landmarks=4, topk=5).cuda()
+    x = torch.randn(1, 17, 32, device='cuda')
+    assert not attn.use_kernel(x, torch.float32, False)
+    assert attn(x, hw_shape=(4, 4)).shape == (1, 17, 32)
+    attn.path = 'kernel'
+    with pytest.raises(ValueError, match="path='kernel' needs a CPU input"):
+        attn(x, hw_shape=(4, 4))
 
 
 # --------------------------------------------------------------------------- building

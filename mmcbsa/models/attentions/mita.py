@@ -43,13 +43,14 @@ import torch.nn.functional as F
 from mmengine.model import BaseModule
 from torch import Tensor
 
+from mmcbsa.ops import mita_cpu
 from mmcbsa.registry import register_model
 from .base import (GridLike, check_hw_shape, check_input_width, check_positive,
                    resolve_head_dims, to_grid, warn_once)
 from .cbsa import _compute_dtype, _softmax, _softmax_backward
 
 MODES = ('mixture', 'routed')
-PATHS = ('auto', 'dense', 'grouped')
+PATHS = ('auto', 'kernel', 'dense', 'grouped')
 
 
 # ----------------------------------------------------------------------------- layout
@@ -598,6 +599,8 @@ class MiTA(BaseModule):
             if dwc else None
         self.proj = nn.Linear(embed_dims, embed_dims, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
+        if path in ('auto', 'kernel'):
+            mita_cpu.available()  # compiles the CPU kernel once per process (cached on disk)
         self.record_attention = False
         self.last_expert: Optional[Tensor] = None
         self.last_routed_keys: Optional[Tensor] = None
@@ -640,6 +643,30 @@ class MiTA(BaseModule):
         experts = 0 if self.mode == 'routed' else self.num_landmarks
         return num_tokens <= 10 * (experts + min(self.topk, num_tokens))
 
+    def use_kernel(self, x: Tensor, dtype: torch.dtype, routed_outside: bool) -> bool:
+        """Whether this forward runs the compiled CPU kernel (:mod:`mmcbsa.ops.mita_cpu`).
+
+        ``path='auto'`` takes it whenever it can run: a CPU input computed in float32 or
+        float64 (not under reduced-precision autocast, whose routing comes from a float32
+        projection), not traced or scripted (FLOP counting and export see the PyTorch
+        path), and the kernel compiled. ``path='kernel'`` raises where it cannot run.
+        """
+        if self.path not in ('auto', 'kernel'):
+            return False
+        why = None
+        if x.device.type != 'cpu':
+            why = f'a CPU input (got {x.device.type})'
+        elif dtype not in mita_cpu.DTYPES or routed_outside:
+            why = f'float32 or float64 computation (got {dtype})'
+        elif torch.jit.is_tracing() or torch.jit.is_scripting():
+            why = 'eager or torch.compile execution (not TorchScript)'
+        elif not (mita_cpu.loaded() or (not torch.compiler.is_compiling()
+                                        and mita_cpu.available())):
+            why = f'the compiled kernel ({mita_cpu.unavailable_reason()})'
+        if why is not None and self.path == 'kernel':
+            raise ValueError(f"MiTA: path='kernel' needs {why}; use path='auto'")
+        return why is None
+
     def forward(self, x: Tensor, hw_shape: Optional[Sequence[int]] = None) -> Tensor:
         """``x (B, N, C)`` -> ``(B, N, C)``; see the class docstring."""
         check_input_width(x, self.embed_dims, 'MiTA')
@@ -679,7 +706,11 @@ class MiTA(BaseModule):
                         None if proj.bias is None else proj.bias[:2 * c].to(acc)), 2, heads,
                         split=2)
                     routing = _routing(q_r, k_r, pool(q_r), topk)
-            if dense:
+            if self.use_kernel(x, dtype, routing is not None):
+                out, key_idx, expert = mita_cpu.mita_forward(
+                    y, heads, p, (start, ph, pw, *self.landmark_grid), topk, routed)
+                extra = {i: y[:, :, i * c:(i + 1) * c] for i in merged}  # v (+DWC), g (gate)
+            elif dense:
                 # q, k, v read per sample as strided views of y; output written as (B, N, C)
                 if fused:
                     out, key_idx, expert, *extra = _DenseMiTA.apply(

@@ -1,0 +1,1 @@
+"""Compiled kernels (optional; every one has a PyTorch fallback with the same results)."""
