@@ -84,8 +84,8 @@ static inline void FN(axpy)(REAL alpha, const REAL *restrict x, REAL *restrict y
  *   b_t   = bbase + (bidx ? bidx[t] : t)·ldb   (read in whole blocks of 2·VL columns:
  *           a zero-padded panel, or rows whose width is a multiple of 2·VL),
  *   out_i = obase + (oidx ? oidx[i] : i)·ldo   (overwritten, or accumulated if add).
- * Four rows × two vectors of columns per pass: eight independent vector accumulators,
- * each a broadcast-FMA chain over t (no horizontal sums). */
+ * Four rows × four (or two) vectors of columns per pass: 16 (8) independent vector
+ * accumulators, each a broadcast-FMA chain over t (no horizontal sums). */
 #define VL ((i64)(64 / sizeof(REAL)))
 typedef REAL FN(vec) __attribute__((vector_size(64), aligned(sizeof(REAL))));
 
@@ -109,56 +109,64 @@ static void FN(rows)(const REAL *base, i64 ld, const i64 *idx, i64 cnt, i64 P, R
  *   base[(idx ? idx[t] : t)·ld + i]   (tr = 1: A is read transposed; no copy is made) */
 typedef struct { const REAL *base; i64 ld; const i64 *idx; int tr; } FN(aop);
 
+/* columns [c0, c0 + w) of mk, in blocks of 4 rows × ncv vectors (ncv = 2 or 4: 8 or 16
+ * accumulators); w <= ncv·VL, reading ncv·VL columns of B (see mk) */
+static inline __attribute__((always_inline)) void FN(mk_cols)(
+        FN(aop) A, i64 cnt, const REAL *bbase, i64 ldb, const i64 *bidx, i64 red, REAL mul,
+        REAL *obase, i64 ldo, const i64 *oidx, int add, i64 c0, i64 w, const int ncv) {
+    typedef FN(vec) vec;
+    for (i64 i = 0; i < cnt; i += 4) {
+        const int nr = cnt - i < 4 ? (int)(cnt - i) : 4;
+        const REAL *a[4];
+        i64 off[4];
+        for (int r = 0; r < 4; ++r) {  /* missing rows repeat the last one */
+            const i64 ii = i + (r < nr ? r : nr - 1);
+            off[r] = ii;
+            a[r] = A.base + (A.idx ? A.idx[ii] : ii) * A.ld;
+        }
+        vec acc[4][4];
+        for (int r = 0; r < 4; ++r)
+            for (int v = 0; v < ncv; ++v) acc[r][v] = (vec){0};
+        for (i64 t = 0; t < red; ++t) {
+            const REAL *bt = bbase + (bidx ? bidx[t] : t) * ldb + c0;
+            vec bv[4];
+            for (int v = 0; v < ncv; ++v) bv[v] = *(const vec *)(bt + v * VL);
+            REAL x[4];
+            if (A.tr) {
+                const REAL *at = A.base + (A.idx ? A.idx[t] : t) * A.ld;
+                for (int r = 0; r < 4; ++r) x[r] = at[off[r]];
+            } else {
+                for (int r = 0; r < 4; ++r) x[r] = a[r][t];
+            }
+            for (int r = 0; r < 4; ++r)
+                for (int v = 0; v < ncv; ++v) acc[r][v] += x[r] * bv[v];
+        }
+        for (int r = 0; r < nr; ++r) {
+            REAL *o = obase + (oidx ? oidx[i + r] : i + r) * ldo + c0;
+            if (w == ncv * VL) {           /* whole vectors: vector stores */
+                for (int v = 0; v < ncv; ++v) {
+                    vec *ov = (vec *)(o + v * VL);
+                    *ov = add ? *ov + acc[r][v] * mul : acc[r][v] * mul;
+                }
+                continue;
+            }
+            REAL tmp[4 * 64 / sizeof(REAL)];
+            memcpy(tmp, acc[r], (size_t)ncv * sizeof(vec));
+            if (add) for (i64 c = 0; c < w; ++c) o[c] += tmp[c] * mul;
+            else for (i64 c = 0; c < w; ++c) o[c] = tmp[c] * mul;
+        }
+    }
+}
+
 static void FN(mk)(FN(aop) A, i64 cnt, const REAL *bbase, i64 ldb, const i64 *bidx,
                    i64 cols, i64 red, REAL mul, REAL *obase, i64 ldo, const i64 *oidx,
                    int add) {
-    typedef FN(vec) vec;
-    REAL tmp[2 * 64 / sizeof(REAL)];
-    for (i64 c0 = 0; c0 < cols; c0 += 2 * VL) {
-        const i64 w = cols - c0 < 2 * VL ? cols - c0 : 2 * VL;
-        const REAL *b = bbase + c0;
-        for (i64 i = 0; i < cnt; i += 4) {
-            const int nr = cnt - i < 4 ? (int)(cnt - i) : 4;
-            const REAL *a[4];
-            i64 off[4];
-            for (int r = 0; r < 4; ++r) {  /* missing rows repeat the last one */
-                const i64 ii = i + (r < nr ? r : nr - 1);
-                off[r] = ii;
-                a[r] = A.base + (A.idx ? A.idx[ii] : ii) * A.ld;
-            }
-            vec s00 = {0}, s01 = {0}, s10 = {0}, s11 = {0}, s20 = {0}, s21 = {0}, s30 = {0},
-                s31 = {0};
-            for (i64 t = 0; t < red; ++t) {
-                const REAL *bt = b + (bidx ? bidx[t] : t) * ldb;
-                const vec b0 = *(const vec *)bt, b1 = *(const vec *)(bt + VL);
-                REAL x0, x1, x2, x3;
-                if (A.tr) {
-                    const REAL *at = A.base + (A.idx ? A.idx[t] : t) * A.ld;
-                    x0 = at[off[0]]; x1 = at[off[1]]; x2 = at[off[2]]; x3 = at[off[3]];
-                } else {
-                    x0 = a[0][t]; x1 = a[1][t]; x2 = a[2][t]; x3 = a[3][t];
-                }
-                s00 += x0 * b0; s01 += x0 * b1;
-                s10 += x1 * b0; s11 += x1 * b1;
-                s20 += x2 * b0; s21 += x2 * b1;
-                s30 += x3 * b0; s31 += x3 * b1;
-            }
-            const vec *acc[8] = {&s00, &s01, &s10, &s11, &s20, &s21, &s30, &s31};
-            for (int r = 0; r < nr; ++r) {
-                REAL *o = obase + (oidx ? oidx[i + r] : i + r) * ldo + c0;
-                if (w == 2 * VL) {          /* a whole block: vector stores */
-                    vec *o0 = (vec *)o, *o1 = (vec *)(o + VL);
-                    if (add) { *o0 += *acc[2 * r] * mul; *o1 += *acc[2 * r + 1] * mul; }
-                    else { *o0 = *acc[2 * r] * mul; *o1 = *acc[2 * r + 1] * mul; }
-                    continue;
-                }
-                memcpy(tmp, acc[2 * r], sizeof(vec));
-                memcpy(tmp + VL, acc[2 * r + 1], sizeof(vec));
-                if (add) for (i64 c = 0; c < w; ++c) o[c] += tmp[c] * mul;
-                else for (i64 c = 0; c < w; ++c) o[c] = tmp[c] * mul;
-            }
-        }
-    }
+    i64 c0 = 0;
+    for (; c0 + 4 * VL <= cols; c0 += 4 * VL)
+        FN(mk_cols)(A, cnt, bbase, ldb, bidx, red, mul, obase, ldo, oidx, add, c0, 4 * VL, 4);
+    for (; c0 < cols; c0 += 2 * VL)
+        FN(mk_cols)(A, cnt, bbase, ldb, bidx, red, mul, obase, ldo, oidx, add, c0,
+                    cols - c0 < 2 * VL ? cols - c0 : 2 * VL, 2);
 }
 
 /* the rows (base + (idx ? idx[j] : j)·ld, j < cnt, P values each) as a B operand of mk:
@@ -387,7 +395,8 @@ int FN(mita_forward)(const REAL *y, i64 B, i64 N, i64 W, i64 H, i64 P, i64 qo, i
         i64 *qorder = ord + N, *qstart = qorder + N;
         FN(pool)(q, W, P, start, ph, pw, sh, sw, rg);                      /* §5.1 */
         FN(dk)(rg, P, 0, M, k, W, 0, N, P, 1, rk, N, 0);                   /* r kᵀ (M, N) */
-        for (i64 m = 0; m < M; ++m) FN(topk)(rk + m * N, N, K, (UKEY *)ord, kig + m * K); /* §5.2 */
+        for (i64 m = 0; m < M; ++m)                                        /* §5.2 */
+            FN(topk)(rk + m * N, N, K, (UKEY *)ord, kig + m * K);
         FN(dk)(q, W, 0, N, rg, P, 0, M, P, 1, qr, M, 0);                   /* q rᵀ (N, M) */
         for (i64 n = 0; n < N; ++n) {                         /* §5.4 and the agent logits */
             const REAL *qrn = qr + n * M;
@@ -472,7 +481,7 @@ int FN(mita_backward)(const REAL *y, i64 B, i64 N, i64 W, i64 H, i64 P, i64 qo, 
 #pragma omp simd
             for (i64 l = 0; l < L; ++l) dzn[l] = row[l] * (dzn[l] - dot_wd);
         }
-        /* ∂q = ∂z [r/p ; s·k_{I_e}], ∂k_{I_e} += s·∂zᵀ q, ∂v_{I_e} += wᵀ ∂o (per expert) */
+        /* per expert: ∂q = ∂z [r/p ; s·k_I], ∂k_I += s·∂zᵀ q, ∂v_I += wᵀ ∂o */
         if (!routed)
             FN(mk_rows)((FN(aop)){dz, L, 0, 0}, N, rg, P, 0, M, P, inv_p, gq, W, 0, 0, pan);
         for (i64 e = 0; e < M; ++e) {

@@ -1,10 +1,17 @@
 """MiTA — Mixture-of-Top-k Attention (arXiv 2602.01219; docs/mechanisms.md §5, §5b).
 
-Pure PyTorch and exact: the reference runs through CUDA flash-attn varlen kernels
-and merges two partial attentions by log-sum-exp; here both parts are one softmax.
-Two exact execution paths compute the same function (chosen by ``path``):
+Exact: the reference runs through CUDA flash-attn varlen kernels and merges two
+partial attentions by log-sum-exp; here both parts are one softmax. Three exact
+execution paths compute the same function (chosen by ``path``):
 
-* **dense** (small ``N``): every query's logits against all ``N`` keys are one
+* **kernel** (CPU, float32/float64, any ``N``; the automatic choice there): the
+  compiled C kernel of :mod:`mmcbsa.ops.mita_cpu` computes, per ``(batch, head)``,
+  only the ``M + k'`` open logits of each query (landmark pooling, routing, shared
+  expert, one softmax, values; and the backward) — ``O(N·(M + k')·p)`` work at every
+  ``N``. The projections stay PyTorch GEMMs. Under ``torch.compile`` it is one custom
+  op (no graph break). It is the only path that is faster than SDPA's fused softmax
+  attention at MiTA-DeiT's 197 tokens (numbers in the class docstring).
+* **dense** (small ``N``, any device): every query's logits against all ``N`` keys are one
   batched GEMM; the ``k`` routed logits of each query are *gathered* from it, and
   the softmax weights are scattered back into an ``N × N`` matrix for the value
   product. No data-dependent shapes (``torch.compile`` traces it without graph
@@ -14,7 +21,7 @@ Two exact execution paths compute the same function (chosen by ``path``):
   ``H × N × N`` buffer stays in cache). Training runs through a hand-written
   backward (:class:`_DenseMiTA`: 2 token-pair GEMMs forward, 4 backward) that
   writes the gradients straight into the projection's layout.
-* **grouped** (large ``N``): every query routed to expert ``m`` sees the *same*
+* **grouped** (large ``N``, any device): every query routed to expert ``m`` sees the *same*
   ``k`` routed keys ``I_m``, so queries are sorted by expert and cut into blocks of
   ``query_block_size`` queries that share one expert (the last block of an expert
   is padded). Each block attends, in one softmax, to its key table (the ``M``
@@ -25,14 +32,14 @@ Two exact execution paths compute the same function (chosen by ``path``):
   size changes nothing but speed. The number of blocks depends on the routing
   (a data-dependent shape).
 
-Layout: token-major throughout (rows of ``p`` values per token and head, as the
+Layout (PyTorch paths): token-major throughout (rows of ``p`` values per token and head, as the
 projections produce them). The previous channels-first layout ``(B·H, p, N)``
 transposed ``q, k, v`` and their gradients element by element (19 ``copy_``
 calls, 11–14 % of a training step at ``N = 197``); against it, fwd+bwd at
 ``N = 197`` (C=384, H=6, batch 8, 1 thread, CPU time, median of 21 interleaved
 repeats, load ≈ 2.3 on 2 cores) takes 0.89× the time on the dense path (1.35×
-instead of 1.52× ``MHSA``) and 0.96× on the grouped one. Landmarks are pooled from a channels-last copy of the patch tokens
-(:class:`_TokenPool`).
+instead of 1.52× ``MHSA``) and 0.96× on the grouped one. Landmarks are pooled from a
+channels-last copy of the patch tokens (:class:`_TokenPool`).
 """
 import math
 from typing import Optional, Sequence, Tuple
@@ -499,30 +506,32 @@ class MiTA(BaseModule):
     ``kv_topk·2 = 2P²`` keys) ↔ ``mode='routed', num_landmarks=P², topk=2P²``;
     all with ``legacy_pooling=True``.
 
-    Execution paths (same result up to float rounding): ``'dense'`` gathers the
-    routed logits from the full ``N × N`` logit matrix (no data-dependent shapes,
-    ``O(N²)`` memory), ``'grouped'`` sorts queries by expert (``O(N)`` memory, a
-    data-dependent block count). ``path='auto'`` takes ``'dense'`` for
-    ``N <= dense_max_tokens`` (by default a cost model, see :meth:`use_dense`).
-    Measured (fwd+bwd against ``MHSA`` (SDPA), C=384, H=6, M=k=25,
-    docs/benchmark_attention.md): ``benchmark_attention.py`` defaults (batch 1, 2
-    threads, wall time) on an idle 2-core machine 1.77× at ``N = 197`` (dense) and
-    0.27× at ``N = 4097`` (grouped); 1 CPU thread, CPU time, batch 8, shared machine:
-    1.35× on the dense path and 3.8× on the grouped one at ``N = 197``. At ``N = 197``
-    MiTA is not faster than SDPA although it computes 50 instead of 197 logits per
-    query: its routing (top-k, argmax, index gathers) and agent expert (four
-    ``M × N`` products, their softmax and backward) alone cost about as much as the
-    fused SDPA kernel, and the gathered key tables of a sorted-block formulation
-    (``M·k'·p`` per head) are as large as the ``N × N`` logits (docs/benchmark_attention.md,
-    "MiTA at DeiT's size").
+    Execution paths (same result up to float rounding): ``'kernel'`` runs the
+    compiled CPU kernel (:mod:`mmcbsa.ops.mita_cpu`: only the ``M + k'`` open logits
+    of each query, ``O(N·(M + k')·p)``), ``'dense'`` gathers the routed logits from
+    the full ``N × N`` logit matrix (no data-dependent shapes, ``O(N²)`` memory),
+    ``'grouped'`` sorts queries by expert (``O(N)`` memory, a data-dependent block
+    count). ``path='auto'`` takes the kernel for CPU inputs computed in float32 or
+    float64 whenever it is built (see :meth:`use_kernel`), else ``'dense'`` for
+    ``N <= dense_max_tokens`` (by default a cost model, see :meth:`use_dense`) and
+    ``'grouped'`` above. Measured (fwd+bwd against ``MHSA`` (SDPA), C=384, H=6,
+    M=k=25, docs/benchmark_attention.md, "MiTA at DeiT's size"):
+    ``benchmark_attention.py`` defaults (batch 1, 2 threads, wall time, idle 2-core
+    machine): kernel 0.93× (0.86–0.93× in repeats) at ``N = 197`` and 0.18× at
+    ``N = 4097``, against 1.77× (dense) and 0.27× (grouped) for the PyTorch paths;
+    1 CPU thread, CPU time, batch 8: kernel 0.91×, dense 1.35×. The PyTorch paths
+    compute 50
+    logits per query through gathers, scatters and separate top-k, argmax and
+    softmax kernels, which cost more than the fused SDPA kernel's 197 at this size.
 
-    ``torch.compile``: the dense path has no data-dependent shapes and is captured
-    as one graph (the hand-written backward included). The grouped path breaks the
+    ``torch.compile``: the kernel is one custom op (``mmcbsa::mita_cpu_forward``,
+    backward registered) and the dense path has no data-dependent shapes: each is
+    captured as one graph. The grouped path breaks the
     graph at its expert-block bookkeeping (:func:`_expert_blocks`, excluded from
     compilation with ``torch.compiler.disable``: the number of blocks depends on the
     routing); dynamo reports that break once per enclosing frame (3 breaks), the rest
     runs in compiled pieces. Checked with the inductor backend: forward and gradients
-    equal eager to ~1e-6 (float32) on both paths.
+    equal eager to ~1e-6 (float32) on the dense and grouped paths.
 
     Args:
         embed_dims: token width ``C``.
@@ -543,8 +552,10 @@ class MiTA(BaseModule):
             MiTA) or ``'routed'`` (routed experts only).
         legacy_pooling: pool the landmarks like the reference implementation (first
             ``N−1`` tokens on a ``⌊√N⌋`` square; needed for released checkpoints).
-        path: ``'auto'``, ``'dense'`` or ``'grouped'`` (see above; a speed and
-            memory choice, the result does not depend on it).
+        path: ``'auto'``, ``'kernel'``, ``'dense'`` or ``'grouped'`` (see above; a
+            speed and memory choice, the result does not depend on it).
+            ``'kernel'`` raises where the kernel cannot run (not a CPU float32/float64
+            input, or not built: the error gives the reason).
         dense_max_tokens: largest token count ``N`` that ``path='auto'`` runs
             densely; default (None): the cost model ``N <= 10·(M + k')`` (``M`` only
             in mixture mode), i.e. ``N <= 500`` for MiTA-DeiT (``M = k = 25``) and
