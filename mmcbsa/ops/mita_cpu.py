@@ -51,8 +51,9 @@ from mmcbsa.models.attentions.base import warn_once
 __all__ = ['available', 'unavailable_reason', 'mita_forward', 'DTYPES']
 
 SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'mita_cpu.c')
-FLAGS = ('-O3', '-march=native', '-mprefer-vector-width=512', '-ffast-math', '-fopenmp',
-         '-shared', '-fPIC', '-std=c11')
+# 512-bit vectors where AVX-512 exists (x86 only; elsewhere the compiler's choice)
+FLAGS = ('-O3', '-march=native', '-ffast-math', '-fopenmp', '-shared', '-fPIC', '-std=c11') + (
+    ('-mprefer-vector-width=512', ) if platform.machine() in ('x86_64', 'AMD64') else ())
 DTYPES = {torch.float32: 'f32', torch.float64: 'f64'}
 
 _lib: Optional[ctypes.CDLL] = None
