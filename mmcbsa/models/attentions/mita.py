@@ -571,7 +571,8 @@ class MiTA(BaseModule):
         record_attention: set to True to keep, after each forward (detached),
             ``last_expert`` ``(B, H, N)`` long — the expert ``e(n)`` of every token,
             prefix tokens included —, ``last_routed_keys`` ``(B, H, M, k')`` long —
-            the token indices ``I_m`` each expert routes to — and ``last_hw_shape``
+            the token indices ``I_m`` each expert routes to (a set: their order
+            depends on the execution path) — and ``last_hw_shape``
             ``(h, w)`` of the patch grid.
 
     Shapes: ``x (B, N, C)``, ``hw_shape=(h, w)`` with ``h*w <= N`` (prefix tokens
