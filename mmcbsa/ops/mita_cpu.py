@@ -123,7 +123,7 @@ def _compile() -> ctypes.CDLL:
         try:
             _build(cc, target)
             break
-        except PermissionError:
+        except OSError:  # not writable (permissions, read-only file system): next root
             if i == len(roots) - 1:
                 raise
     lib = ctypes.CDLL(target)
