@@ -132,6 +132,17 @@ def add_analysis_args(parser: argparse.ArgumentParser) -> None:
         'test_dataloader.dataset.data_root=data/mini_ade20k)')
 
 
+def add_map_args(parser: argparse.ArgumentParser) -> None:
+    """``--query MODE --tile-size PX``: the arguments of the tools that draw attention maps
+    over the image (``visualize_attention.py``, ``zero_shot_seg.py``)."""
+    from mmcbsa.analysis.capture import QUERY_MODES
+    parser.add_argument('--query', choices=QUERY_MODES, default='auto',
+                        help='row of the token-to-token maps: cls (token 0), mean (over '
+                        'patch queries), auto (cls when the layer has one prefix token)')
+    parser.add_argument('--tile-size', type=int, default=112,
+                        help='pixels of the longer side of each drawn tile (default 112)')
+
+
 def load_analysis_config(args: argparse.Namespace) -> Config:
     """The config of an analysis tool with ``--cfg-options`` applied; checks that the
     config and ``--checkpoint`` exist and creates ``--out-dir``."""

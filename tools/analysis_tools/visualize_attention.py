@@ -36,12 +36,12 @@ from torch import Tensor
 
 import mmcbsa  # noqa: F401  (registers modules and checkpoint safe globals)
 from mmcbsa.analysis import AttentionCapture, LayerRecord
-from mmcbsa.analysis.capture import QUERY_MODES, layer_labels
+from mmcbsa.analysis.capture import layer_labels
 from mmcbsa.analysis.plots import (heat_overlay, label_overlay, save_tile_grid, to_rgb_image,
                                    upsample_grid)
 from mmcbsa.analysis.runtime import build_model, forward_tensor, single_image_batch
-from mmcbsa.utils.tools_common import (add_analysis_args, cli_main, load_analysis_config,
-                                       write_csv)
+from mmcbsa.utils.tools_common import (add_analysis_args, add_map_args, cli_main,
+                                       load_analysis_config, write_csv)
 
 ROW_MAPS = ('cls', 'mean')  # token-to-token query rows
 TITLES = {'cls': 'CLS row', 'mean': 'mean row', 'groups': 'group π', 'clusters': 'clusters',
@@ -66,13 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         'all')
     parser.add_argument('--heads', type=int, nargs='+', default=None,
                         help='heads to draw (default all)')
-    parser.add_argument('--query', choices=QUERY_MODES, default='auto',
-                        help='row of the token-to-token maps: cls (token 0), mean (over '
-                        'patch queries), auto (cls when the layer has one prefix token)')
     parser.add_argument('--num-rows', type=int, default=6,
                         help='representatives / experts drawn per head (evenly spaced)')
-    parser.add_argument('--tile-size', type=int, default=112,
-                        help='pixels of the longer side of each drawn tile (default 112)')
+    add_map_args(parser)
     return parser.parse_args(argv)
 
 

@@ -43,14 +43,14 @@ from mmengine.utils import ProgressBar
 
 import mmcbsa  # noqa: F401  (registers modules and checkpoint safe globals)
 from mmcbsa.analysis import AttentionCapture, LayerRecord
-from mmcbsa.analysis.capture import QUERY_MODES, layer_labels
+from mmcbsa.analysis.capture import layer_labels
 from mmcbsa.analysis.plots import label_overlay, mask_overlay, save_tile_grid, to_rgb_image
 from mmcbsa.analysis.runtime import build_dataloader, build_model, forward_tensor, iter_batches
 from mmcbsa.analysis.zero_shot import (binary_ground_truth, cls_foreground, grid_partition,
                                        grid_to_image, label_clusters_by_majority,
                                        score_binary_masks)
-from mmcbsa.utils.tools_common import (add_analysis_args, cli_main, load_analysis_config,
-                                       write_csv)
+from mmcbsa.utils.tools_common import (add_analysis_args, add_map_args, cli_main,
+                                       load_analysis_config, write_csv)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,15 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--cluster-layer', default=None,
                         help='layer of the clustering reading (default: the backbone\'s last '
                         'layer with clusters, else the last layer with clusters)')
-    parser.add_argument('--query', choices=QUERY_MODES, default='auto',
-                        help='row of the token-to-token maps (see visualize_attention.py)')
     parser.add_argument('--seg-data', default=None,
                         help='an mmseg config whose test dataset gives images and masks (for '
                         'classifier configs); --cfg-options apply to it too')
     parser.add_argument('--num-drawn', type=int, default=4,
                         help='images drawn in zero_shot_seg.png (default 4)')
-    parser.add_argument('--tile-size', type=int, default=112,
-                        help='pixels of the longer side of each drawn tile (default 112)')
+    add_map_args(parser)
     return parser.parse_args(argv)
 
 
