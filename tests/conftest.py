@@ -7,6 +7,11 @@ from typing import List
 import pytest
 import torch
 
+# Without a GPU, Triton kernels (mmcbsa.ops.cbsa_triton) run in Triton's CPU interpreter,
+# which must be chosen before Triton is first imported (tests/test_triton_kernels.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:  # lets test files `from conftest import ...`

@@ -14,6 +14,10 @@ Implementation notes (performance, exact math):
   temporaries besides the inputs' own gradients.
 * Under autocast the core runs in the autocast dtype with softmax statistics in
   float32.
+* On CUDA (``path='auto'``, eager) the core is :mod:`mmcbsa.ops.cbsa_triton`: three
+  Triton kernels forward and three backward that never store the ``m × N`` map,
+  token-major ``(B, N, H·p)`` from projection to projection; the PyTorch path is the
+  reference, the CPU path and what ``torch.compile`` traces (inductor fuses it).
 """
 import math
 from typing import Optional, Sequence, Tuple
@@ -24,9 +28,12 @@ import torch.nn.functional as F
 from mmengine.model import BaseModule
 from torch import Tensor
 
+from mmcbsa.ops import cbsa_triton
 from mmcbsa.registry import register_model
-from .base import (GridLike, check_hw_shape, check_input_width, resolve_head_dims, to_grid,
-                   warn_once)
+from .base import (GridLike, check_hw_shape, check_input_width, is_compiling,
+                   pool_grid_channels_last, resolve_head_dims, to_grid, warn_once)
+
+PATHS = ('auto', 'triton', 'torch')
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -163,6 +170,12 @@ class _GridPool:
         g, p, _ = w_t.shape
         return F.adaptive_avg_pool2d(self._patches(w_t), self.grid).view(g, p, -1)
 
+    def token_major(self, w: Tensor) -> Tensor:
+        """The same pooling of token-major ``w (B, N, C)`` -> ``(B, m, C)`` (plain
+        autograd)."""
+        patches = w[:, self.start:self.start + self.h * self.w].unflatten(1, (self.h, self.w))
+        return pool_grid_channels_last(patches, self.grid).flatten(1, 2)
+
     def backward_into(self, grad_w_t: Tensor, grad_r0_t: Tensor) -> None:
         """``grad_w_t[..., patches] += pooling-gradient(grad_r0_t)`` in place."""
         patches = self._patches(grad_w_t)
@@ -253,16 +266,26 @@ class CBSA(BaseModule):
             tokens on a ``⌊√N⌋`` square; needed for released checkpoints).
         proj_bias: bias of the output projection.
         proj_drop: dropout on the output.
+        path: ``'auto'`` (default): the Triton kernels of :mod:`mmcbsa.ops.cbsa_triton`
+            for CUDA inputs computed in float32/bfloat16/float16 with ``m, p <= 128``,
+            in eager mode; the PyTorch path otherwise (CPU, float64, tracing,
+            ``torch.compile``, ``record_attention``). ``'triton'`` forces the kernels
+            (an error gives the reason where they cannot run; CPU inputs need Triton's
+            interpreter, ``TRITON_INTERPRET=1``: for tests). ``'torch'``: the PyTorch
+            path. A speed choice: the result does not depend on it (float rounding).
 
     Shapes: ``x (B, N, C)``, ``hw_shape=(h, w)`` with ``h*w <= N`` -> ``(B, N, C)``.
     """
 
     def __init__(self, embed_dims: int, num_heads: int, head_dims: Optional[int] = None,
                  num_reps: GridLike = 64, rep_mode: str = 'pool', legacy_pooling: bool = False,
-                 proj_bias: bool = True, proj_drop: float = 0.,
+                 proj_bias: bool = True, proj_drop: float = 0., path: str = 'auto',
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         self.head_dims = resolve_head_dims(embed_dims, num_heads, head_dims, 'CBSA')
+        if path not in PATHS:
+            raise ValueError(f'CBSA: path must be one of {PATHS}, got {path!r}')
+        self.path = path
         self.rep_grid = to_grid(num_reps, 'num_reps', 'CBSA')
         if rep_mode not in ('pool', 'learned'):
             raise ValueError(f"CBSA: rep_mode must be 'pool' or 'learned', got {rep_mode!r}")
@@ -313,6 +336,20 @@ class CBSA(BaseModule):
                       f'patches, so the cost is no longer linear in the tokens; use '
                       f'num_reps <= {h * w} or larger inputs')
 
+    def use_triton(self, x: Tensor, dtype: torch.dtype) -> bool:
+        """Whether this forward runs the Triton core (see ``path``)."""
+        if self.path == 'torch' or (self.path == 'auto' and x.device.type != 'cuda'):
+            return False
+        why = cbsa_triton.supported(self.num_reps, self.head_dims, dtype, x.device)
+        if why is None and (torch.jit.is_tracing() or torch.jit.is_scripting()
+                            or is_compiling()):
+            why = 'eager execution (not traced, scripted or compiled)'
+        if why is None and self.record_attention:
+            why = 'record_attention=False (the map is recorded by the PyTorch path)'
+        if why is not None and self.path == 'triton':
+            raise ValueError(f"CBSA: path='triton' needs {why}; use path='auto'")
+        return why is None
+
     def forward(self, x: Tensor, hw_shape: Optional[Sequence[int]] = None) -> Tensor:
         check_input_width(x, self.embed_dims, 'CBSA')
         b, n, _ = x.shape
@@ -324,6 +361,8 @@ class CBSA(BaseModule):
             self._warn_if_superlinear(pool.h, pool.w)
         elif hw_shape is not None:
             self._warn_if_superlinear(*check_hw_shape(x, hw_shape, 'CBSA'))
+        if self.use_triton(x, dtype):
+            return self.proj_drop(self._forward_triton(x, pool, dtype))
         # Hand-written backward when training eagerly; the same math as plain ops when
         # tracing / scripting (FLOP counters, export) or without autograd.
         fused = (torch.is_grad_enabled() and not torch.jit.is_tracing()
@@ -353,3 +392,17 @@ class CBSA(BaseModule):
                                           (int(hw_shape[0]), int(hw_shape[1])))
                 y = _linear_channels_last(out_t.view(b, heads * p, n), w_out, bias)
         return self.proj_drop(y)
+
+    def _forward_triton(self, x: Tensor, pool: Optional[_GridPool], dtype: torch.dtype) -> Tensor:
+        """§1 with the core in :func:`mmcbsa.ops.cbsa_triton.contract_broadcast`,
+        token-major ``(B, N, H·p)`` throughout."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            w = F.linear(x.to(dtype), self.in_proj.weight.to(dtype))  # (B, N, H·p)
+            if pool is None:  # learned (m, H·p), shared by the batch
+                r0 = self.reps.to(dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+            else:
+                r0 = pool.token_major(w)  # (B, m, H·p)
+            out = cbsa_triton.contract_broadcast(w, r0, self.step_rep, self.step_x,
+                                                 self.num_heads, self.head_dims ** -0.5)
+            bias = None if self.out_proj.bias is None else self.out_proj.bias.to(dtype)
+            return F.linear(out, self.out_proj.weight.to(dtype), bias)
