@@ -19,7 +19,7 @@ from mmcbsa.models.attentions import base as attn_base
 from mmcbsa.models.attentions.mita import MiTA
 from mmcbsa.ops import mita_cpu
 
-PATHS = ('kernel', 'dense', 'grouped')  # test_mita_cpu_kernel_builds says why if one fails
+PATHS = ('kernel', 'masked', 'dense', 'grouped')  # test_mita_cpu_kernel_builds: why if one fails
 
 
 # --------------------------------------------------------------------------- reference
@@ -232,6 +232,9 @@ def test_mita_auto_path_choice():
     assert not attn.use_kernel(x, torch.bfloat16, False)  # reduced-precision autocast
     assert not attn.use_kernel(x, torch.float32, True)  # routing from outside
     assert not MiTA(32, 2, path='dense').use_kernel(x, torch.float32, False)
+    # the masked path: forced, or automatic for CUDA inputs only
+    assert MiTA(32, 2, path='masked').use_masked(x) and not attn.use_masked(x)
+    assert not MiTA(32, 2, path='dense').use_masked(x)
 
 
 @pytest.mark.parametrize('max_blocks', [1, 3, 16384])
@@ -499,7 +502,7 @@ def test_mita_kernel_compile_failure_is_a_warning(tmp_path):
 
 # --------------------------------------------------------------------------- CUDA
 @pytest.mark.cuda
-@pytest.mark.parametrize('exec_path', ['dense', 'grouped'])
+@pytest.mark.parametrize('exec_path', ['auto', 'masked', 'dense', 'grouped'])
 @pytest.mark.parametrize('variant', [dict(), dict(dwc=True), dict(dwc=True, gate=True),
                                      dict(mode='routed', topk=50)])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
@@ -529,6 +532,33 @@ def test_mita_cuda_matches_cpu_float32(variant, exec_path, dtype):
     for (name, pc), pg in zip(cpu.named_parameters(), gpu.parameters()):
         rel = (pg.grad.float().cpu() - pc.grad).norm() / pc.grad.norm()
         assert rel < 2 * tol, name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('variant', [dict(), dict(dwc=True, gate=True), dict(mode='routed')])
+@pytest.mark.parametrize('hw', [(14, 14), (40, 40)])  # all keys / per-expert key tables
+def test_mita_masked_path_never_synchronises_on_cuda(variant, hw):
+    """The automatic CUDA path: forward and backward under bf16 autocast without one
+    host synchronisation (no .item(), no data-dependent size), equal to the dense path."""
+    torch.manual_seed(8)
+    attn = MiTA(96, 3, **variant).cuda()
+    dense = MiTA(96, 3, path='dense', **variant).cuda()
+    dense.load_state_dict(attn.state_dict())
+    x = torch.randn(2, 1 + hw[0] * hw[1], 96, device='cuda', requires_grad=True)
+    assert attn.use_masked(x)
+    out = attn(x, hw_shape=hw)  # warm-up (lazy initialisations may synchronise once)
+    out.sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            out = attn(x, hw_shape=hw)
+        out.float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    with torch.no_grad():
+        a, b = attn(x, hw_shape=hw), dense(x, hw_shape=hw)
+    assert (a - b).abs().max().item() <= 1e-4 * b.abs().max().item()
 
 
 @pytest.mark.cuda

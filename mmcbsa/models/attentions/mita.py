@@ -1,7 +1,7 @@
 """MiTA — Mixture-of-Top-k Attention (arXiv 2602.01219; docs/mechanisms.md §5, §5b).
 
 Exact: the reference runs through CUDA flash-attn varlen kernels and merges two
-partial attentions by log-sum-exp; here both parts are one softmax. Three exact
+partial attentions by log-sum-exp; here both parts are one softmax. Four exact
 execution paths compute the same function (chosen by ``path``):
 
 * **kernel** (CPU, float32/float64, any ``N``; the automatic choice there): the
@@ -11,6 +11,12 @@ execution paths compute the same function (chosen by ``path``):
   ``N``. The projections stay PyTorch GEMMs. Under ``torch.compile`` it is one custom
   op (no graph break). It is the only path that is faster than SDPA's fused softmax
   attention at MiTA-DeiT's 197 tokens (numbers in the class docstring).
+* **masked** (every CUDA input; the automatic choice there): one SDPA call over a key
+  table with a boolean mask that opens each query's landmark keys and its expert's
+  routed keys (:func:`_masked_core`); no host synchronisation, no loop over samples or
+  experts, no data-dependent shape (one ``torch.compile`` graph, CUDA-graph friendly).
+  ``O(N·(M + min(N, M·k'))·p)`` work: not faster than softmax attention at
+  ``N = 1024`` on a GPU (docs/benchmark_attention.md, "CUDA").
 * **dense** (small ``N``, any device): every query's logits against all ``N`` keys are one
   batched GEMM; the ``k`` routed logits of each query are *gathered* from it, and
   the softmax weights are scattered back into an ``N × N`` matrix for the value
@@ -57,7 +63,7 @@ from .base import (GridLike, check_hw_shape, check_input_width, check_positive,
 from .cbsa import _compute_dtype, _softmax, _softmax_backward
 
 MODES = ('mixture', 'routed')
-PATHS = ('auto', 'kernel', 'dense', 'grouped')
+PATHS = ('auto', 'kernel', 'masked', 'dense', 'grouped')
 
 
 # ----------------------------------------------------------------------------- layout
@@ -148,21 +154,22 @@ def _routing(q: Tensor, k: Tensor, r: Tensor, topk: int, rk: Optional[Tensor] = 
     """Routing decisions in float32 (or better), never in a half dtype (§5b).
 
     Args:
-        q, k: ``(G, N, p)``; r: landmarks ``(G, M, p)``.
+        q, k: ``(..., N, p)``; r: landmarks ``(..., M, p)`` (the same leading dims,
+            ``(G,)`` or ``(B, H)``).
         topk: routed keys per expert ``k' <= N``.
-        rk, qr: the raw products ``r kᵀ`` ``(G, M, N)`` and ``q rᵀ`` ``(G, N, M)``
+        rk, qr: the raw products ``r kᵀ`` ``(..., M, N)`` and ``q rᵀ`` ``(..., N, M)``
             when already computed in float32 or better (reused), else ``None``.
 
     Returns:
-        ``key_idx (G, M, k')`` (§5.2, unsorted) and ``expert (G, N)`` (§5.4).
+        ``key_idx (..., M, k')`` (§5.2, unsorted) and ``expert (..., N)`` (§5.4).
     """
     acc = torch.promote_types(q.dtype, torch.float32)
     with torch.no_grad(), torch.autocast(device_type=q.device.type, enabled=False):
         r32 = r.detach().to(acc)
         if rk is None or rk.dtype != acc:
-            rk = torch.bmm(r32, k.detach().to(acc).transpose(1, 2))
+            rk = torch.matmul(r32, k.detach().to(acc).transpose(-1, -2))
         if qr is None or qr.dtype != acc:
-            qr = torch.bmm(q.detach().to(acc), r32.transpose(1, 2))
+            qr = torch.matmul(q.detach().to(acc), r32.transpose(-1, -2))
         key_idx = torch.topk(rk.detach(), topk, dim=-1, sorted=False).indices
         expert = qr.detach().argmax(dim=-1)
     return key_idx, expert
@@ -352,6 +359,61 @@ class _DenseMiTA(torch.autograd.Function):
         return grad_y, None, None, None, None, None, None, None, None
 
 
+# ----------------------------------------------------------------------------- masked path
+def _masked_core(q: Tensor, k: Tensor, v: Tensor, pool: _TokenPool, topk: int, routed: bool,
+                 routing: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor, Tensor]:
+    """§5.1–5.5 as ONE attention call per layer (plus the shared expert's): every
+    query attends to a key table through a boolean mask that opens exactly its ``M``
+    landmark keys and the ``k'`` routed keys of its expert.
+
+    Key table (the cheaper of two, chosen from the sizes alone): all ``N`` keys when
+    ``N <= M·k'`` (mask: ``j ∈ I_{e(n)}``), else the ``M`` experts' gathered tables of
+    ``k'`` keys each, ``M·k'`` rows (mask: row ``j`` belongs to expert ``e(n)``). In
+    mixture mode the ``M`` landmark keys ``r/√p`` (so that SDPA's ``1/√p`` gives the
+    agent logits ``q·r/p``) with the shared expert's values ``a = SDPA(r, k, v)`` are
+    prepended and always open. Nothing depends on the routing's values but the mask:
+    no host synchronisation, no per-sample or per-expert loop, no data-dependent shape
+    (``torch.compile`` captures it whole; CUDA graphs can replay it).
+
+    Args:
+        q, k, v: ``(B, H, N, p)`` (views of the projection).
+        pool: the landmark pooling (§5.1).
+        topk: ``k'``.
+        routed: no shared expert (``mode='routed'``).
+        routing: ``(key_idx, expert)`` as ``(B·H, M, k')``, ``(B·H, N)``, or ``None``
+            (routed here in float32, §5b).
+
+    Returns:
+        ``out (B, H, N, p)``, ``key_idx (B, H, M, k')``, ``expert (B, H, N)``.
+    """
+    b, h, n, p = q.shape
+    scale = p ** -0.5
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not routed):
+        r = pool(q.flatten(0, 1)).unflatten(0, (b, h))  # (B, H, M, p)
+    m = r.shape[2]
+    if routing is None:
+        key_idx, expert = _routing(q, k, r, topk)
+    else:
+        key_idx, expert = routing[0].view(b, h, m, topk), routing[1].view(b, h, n)
+    if n <= m * topk:  # all N keys; member[.., e, j]: key j is routed by expert e
+        member = torch.zeros(b, h, m, n, dtype=torch.bool, device=q.device).scatter_(
+            3, key_idx, True)
+        keys, values = k, v
+        mask = member.gather(2, expert.unsqueeze(-1).expand(b, h, n, n))
+    else:  # the experts' tables, M·k' rows; row j belongs to expert j // k'
+        rows = key_idx.flatten(2).unsqueeze(-1).expand(b, h, m * topk, p)
+        keys, values = k.gather(2, rows), v.gather(2, rows)
+        owner = torch.arange(m * topk, device=q.device) // topk
+        mask = expert.unsqueeze(-1) == owner
+    if not routed:
+        agent_v = F.scaled_dot_product_attention(r, k, v, scale=scale)  # §5.3 (B, H, M, p)
+        keys = torch.cat((r * scale, keys), dim=2)
+        values = torch.cat((agent_v, values), dim=2)
+        mask = torch.cat((mask.new_ones(b, h, n, m), mask), dim=3)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    return out, key_idx, expert
+
+
 # ----------------------------------------------------------------------------- grouped path
 @torch.compiler.disable  # data-dependent output sizes: run eagerly under torch.compile
 def _expert_blocks(expert: Tensor, num_experts: int,
@@ -506,13 +568,15 @@ class MiTA(BaseModule):
     ``kv_topk·2 = 2P²`` keys) ↔ ``mode='routed', num_landmarks=P², topk=2P²``;
     all with ``legacy_pooling=True``.
 
-    Execution paths (same result up to float rounding): ``'kernel'`` runs the
+    Execution paths (same result up to float rounding): ``'masked'`` (automatic on
+    CUDA) is one masked SDPA call over a key table, ``'kernel'`` runs the
     compiled CPU kernel (:mod:`mmcbsa.ops.mita_cpu`: only the ``M + k'`` open logits
     of each query, ``O(N·(M + k')·p)``), ``'dense'`` gathers the routed logits from
     the full ``N × N`` logit matrix (no data-dependent shapes, ``O(N²)`` memory),
     ``'grouped'`` sorts queries by expert (``O(N)`` memory, a data-dependent block
-    count). ``path='auto'`` takes the kernel for CPU inputs computed in float32 or
-    float64 whenever it is built (see :meth:`use_kernel`), else ``'dense'`` for
+    count). ``path='auto'`` takes the masked path for CUDA inputs, the kernel for CPU
+    inputs computed in float32 or float64 whenever it is built (see :meth:`use_kernel`),
+    else ``'dense'`` for
     ``N <= dense_max_tokens`` (by default a cost model, see :meth:`use_dense`) and
     ``'grouped'`` above. Measured (fwd+bwd against ``MHSA`` (SDPA), C=384, H=6,
     M=k=25, docs/benchmark_attention.md, "MiTA at DeiT's size"):
@@ -552,8 +616,8 @@ class MiTA(BaseModule):
             MiTA) or ``'routed'`` (routed experts only).
         legacy_pooling: pool the landmarks like the reference implementation (first
             ``N−1`` tokens on a ``⌊√N⌋`` square; needed for released checkpoints).
-        path: ``'auto'``, ``'kernel'``, ``'dense'`` or ``'grouped'`` (see above; a
-            speed and memory choice, the result does not depend on it).
+        path: ``'auto'``, ``'kernel'``, ``'masked'``, ``'dense'`` or ``'grouped'`` (see
+            above; a speed and memory choice, the result does not depend on it).
             ``'kernel'`` raises where the kernel cannot run (not a CPU float32/float64
             input, or not built: the error gives the reason).
         dense_max_tokens: largest token count ``N`` that ``path='auto'`` runs
@@ -655,6 +719,12 @@ class MiTA(BaseModule):
         experts = 0 if self.mode == 'routed' else self.num_landmarks
         return num_tokens <= 10 * (experts + min(self.topk, num_tokens))
 
+    def use_masked(self, x: Tensor) -> bool:
+        """Whether this forward takes the masked path (:func:`_masked_core`): with
+        ``path='masked'``, and with ``path='auto'`` for every CUDA input (one attention
+        call, no host synchronisation, no data-dependent shape)."""
+        return self.path == 'masked' or (self.path == 'auto' and x.device.type == 'cuda')
+
     def use_kernel(self, x: Tensor, dtype: torch.dtype, routed_outside: bool) -> bool:
         """Whether this forward runs the compiled CPU kernel (:mod:`mmcbsa.ops.mita_cpu`).
 
@@ -721,6 +791,13 @@ class MiTA(BaseModule):
             if self.use_kernel(x, dtype, routing is not None):
                 out, key_idx, expert = mita_cpu.mita_forward(
                     y, heads, p, (start, ph, pw, *self.landmark_grid), topk, routed)
+                extra = {i: y[:, :, i * c:(i + 1) * c] for i in merged}  # v (+DWC), g (gate)
+            elif self.use_masked(x):
+                qkv = y.view(b, n, parts, heads, p)
+                out, key_idx, expert = _masked_core(
+                    *(qkv[:, :, i].transpose(1, 2) for i in range(3)), pool, topk, routed,
+                    routing)  # q, k, v as (B, H, N, p) views
+                out = out.transpose(1, 2).reshape(b, n, c)
                 extra = {i: y[:, :, i * c:(i + 1) * c] for i in merged}  # v (+DWC), g (gate)
             elif dense:
                 # q, k, v read per sample as strided views of y; output written as (B, N, C)
