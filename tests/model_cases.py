@@ -74,6 +74,9 @@ ATTENTIONS = [
     AttentionCase('MiTA-grouped', dict(type='MiTA', num_landmarks=4, topk=4, path='grouped'),
                   graph_breaks=('torch.compiler.disable()', )),
     AttentionCase('AdaptedCBSA', dict(type='AdaptedCBSA', num_reps=4)),
+    AttentionCase('CBSA-learned', dict(type='CBSA', num_reps=4, rep_mode='learned')),
+    # one attention call over a masked key table: the automatic choice on CUDA
+    AttentionCase('MiTA-masked', dict(type='MiTA', num_landmarks=4, topk=4, path='masked')),
 ]
 
 
@@ -159,8 +162,14 @@ def _build(scope: str, cfg: dict) -> nn.Module:
 def _from_config(name: str, **model_updates) -> Tuple[str, dict]:
     """The ``model`` of a config under configs/ with ``model.<key>`` updates."""
     cfg = Config.fromfile(str(REPO / 'configs' / name))
-    cfg.merge_from_dict({f'model.{k}': v for k, v in model_updates.items()})
-    return cfg.default_scope, cfg.model.to_dict()
+    model = cfg.model.to_dict()
+    for key, value in model_updates.items():  # set (not merged: a dict may replace a str)
+        *parents, last = key.split('.')
+        node = model
+        for part in parents:
+            node = node[part]
+        node[last] = copy.deepcopy(value)
+    return cfg.default_scope, model
 
 
 def cbt_classifier() -> nn.Module:
@@ -213,6 +222,68 @@ def primal_classifier() -> nn.Module:
                       arch=dict(base='primalformer-small', embed_dims=32, num_layers=2,
                                 num_heads=2, attn_cfg=dict(low_rank=3, rank_multi=2))),
         head=dict(type='LinearClsHead', num_classes=10, in_channels=32)))
+
+
+def cbt_segmenter() -> nn.Module:
+    """configs/cbt/cbt-small_cbt-head_8xb1-160k_ade20k-512x512.py (the fully linear
+    segmenter: CBT encoder + CBT head) at width 32: 1 encoder block (2 heads of width 16,
+    2×2 representatives, patch 8), 1 decoder layer, 5 classes, for 32×32 inputs."""
+    scope, cfg = _from_config(
+        'cbt/cbt-small_cbt-head_8xb1-160k_ade20k-512x512.py',
+        **{'data_preprocessor.size': (32, 32), 'backbone.img_size': 32,
+           'backbone.patch_size': 8,
+           'backbone.arch': dict(base='cbt-small', embed_dims=32, num_layers=1, num_heads=2,
+                                 attn_cfg=dict(head_dims=16, num_reps=4)),
+           'decode_head.in_channels': 32, 'decode_head.channels': 32,
+           'decode_head.num_layers': 1, 'decode_head.num_heads': 2,
+           'decode_head.head_dims': 12, 'decode_head.num_reps': 4,
+           'decode_head.num_classes': 5})
+    return _build(scope, cfg)
+
+
+def _whitebox_classifier(config: str, base: str, attn_cfg: dict) -> nn.Module:
+    """The classifier of ``config`` with its WhiteBoxViT at width 32 (1 block, 2 heads,
+    patch 8, 32×32 images) and 10 classes (no Mixup/CutMix batch augments: DeiT's recipe
+    has them, and they need the data preprocessor's 1000 classes)."""
+    scope, cfg = _from_config(config, **{
+        'train_cfg': None,
+        'backbone.img_size': 32, 'backbone.patch_size': 8,
+        'backbone.arch': dict(base=base, embed_dims=32, num_layers=1, num_heads=2,
+                              attn_cfg=attn_cfg),
+        'head.in_channels': 32, 'head.num_classes': 10, 'head.topk': (1, )})
+    return _build(scope, cfg)
+
+
+def tost_classifier() -> nn.Module:
+    """configs/tost/tost-tiny_8xb32-lion-150e_in1k.py at toy size (TSSA + ISTA)."""
+    return _whitebox_classifier('tost/tost-tiny_8xb32-lion-150e_in1k.py', 'tost-tiny',
+                                dict(head_dims=16))
+
+
+def crate_classifier() -> nn.Module:
+    """configs/crate/crate-tiny_8xb32-lion-150e_in1k.py at toy size (MSSA + ISTA)."""
+    return _whitebox_classifier('crate/crate-tiny_8xb32-lion-150e_in1k.py', 'crate-tiny',
+                                dict(head_dims=16))
+
+
+def mita_deit_classifier() -> nn.Module:
+    """configs/mita/mita-dwc-gate-deit-small_4xb256_in1k.py at toy size (MiTA +DWC,Gate
+    in a DeiT block, 2×2 landmarks, 4 routed keys)."""
+    return _whitebox_classifier('mita/mita-dwc-gate-deit-small_4xb256_in1k.py',
+                                'mita-deit-small', dict(num_landmarks=4, topk=4))
+
+
+def adapted_vit_classifier() -> nn.Module:
+    """configs/vit_adapt/vit-tiny-p16_cbsa-adapt_8xb64-50e_in1k.py (mmpretrain's ViT with
+    the CBSA-style adapted attention) at width 32: 1 block, 2 heads, patch 8, 2×2
+    representatives, no pretrained weights."""
+    scope, cfg = _from_config('vit_adapt/vit-tiny-p16_cbsa-adapt_8xb64-50e_in1k.py', **{
+        'init_cfg': None, 'backbone.img_size': 32, 'backbone.patch_size': 8,
+        'backbone.arch': dict(embed_dims=32, num_layers=1, num_heads=2,
+                              feedforward_channels=64),
+        'backbone.adapt_cfg': dict(num_reps=4), 'head.in_channels': 32, 'head.num_classes': 10,
+        'head.topk': (1, )})
+    return _build(scope, cfg)
 
 
 @dataclass(frozen=True)
@@ -270,6 +341,11 @@ FAMILIES = [
     FamilyCase('cbt-head-segmentor', cbt_head_segmentor, 'seg', 5),
     FamilyCase('mita-segmenter', mita_segmenter, 'seg', 5),
     FamilyCase('primal-classifier', primal_classifier, 'cls', 10),
+    FamilyCase('cbt-segmenter', cbt_segmenter, 'seg', 5),
+    FamilyCase('tost-classifier', tost_classifier, 'cls', 10),
+    FamilyCase('crate-classifier', crate_classifier, 'cls', 10),
+    FamilyCase('mita-deit-classifier', mita_deit_classifier, 'cls', 10),
+    FamilyCase('adapted-vit-classifier', adapted_vit_classifier, 'cls', 10),
 ]
 
 

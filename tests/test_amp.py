@@ -34,9 +34,9 @@ def test_bf16_amp_training_of_every_family(case):
     wrapper = build_optim_wrapper(model, dict(type='BF16AmpOptimWrapper',
                                               optimizer=dict(type='AdamW', lr=2e-3)))
     assert isinstance(wrapper, BF16AmpOptimWrapper)
-    seen = []  # output dtypes of every nn.Linear module that runs
+    seen = []  # output dtypes of every nn.Linear / nn.Conv2d module that runs
     hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
-             for m in model.modules() if isinstance(m, nn.Linear)]
+             for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     batch = case.batch_data(model)
     losses = []
     for _ in range(STEPS):  # the same batch every time: the loss has to fall

@@ -230,6 +230,21 @@ def test_model_family_compiled_equals_eager(case):
     assert len(errs) > 3  # the output and the gradients of the parameters were compared
 
 
+@pytest.mark.parametrize('case', FAMILIES, ids=[f.id for f in FAMILIES])
+def test_model_family_traces_as_one_graph(case):
+    """Backbone, attention and head of every family trace as ONE graph (no graph break)
+    in training and in eval mode: what ``torch.compile`` needs to fuse them and, for
+    inference, to replay them as a CUDA graph (``mode='reduce-overhead'``)."""
+    torch.manual_seed(0)
+    model = case.build()
+    for training in (True, False):
+        model.train(training)
+        torch._dynamo.reset()
+        report = torch._dynamo.explain(lambda img: model(img, mode='tensor'))(case.images())
+        reasons = [str(r.reason).splitlines()[0] for r in report.break_reasons]
+        assert report.graph_count == 1 and report.graph_break_count == 0, (training, reasons)
+
+
 def test_runner_compile_trains_like_eager(tmp_path):
     """mmengine's ``Runner`` with ``compile=dict(...)`` (``torch.compile`` of
     ``model.train_step``) on a tiny CBT-head segmentor: the losses of 2 SGD iterations

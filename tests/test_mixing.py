@@ -119,10 +119,13 @@ def test_cbt_segmentation_config_trains_and_predicts(path):
     assert cfg.model.decode_head.type == 'CBTHead'
     attn = model.decode_head.layers[0].attn
     assert type(attn).__name__ == 'CBSA'
-    if cfg.model.backbone.type == 'WhiteBoxViT':  # the MiTA segmenters
-        mita = model.backbone.layers[0].attn
-        assert type(mita).__name__ == 'MiTA'
-        assert mita.num_landmarks == 49 and mita.topk == 49  # docs/mechanisms.md §5, segmentation
+    if cfg.model.backbone.type == 'WhiteBoxViT':
+        encoder = model.backbone.layers[0].attn
+        if 'mita' in path.name:  # the MiTA segmenters
+            assert type(encoder).__name__ == 'MiTA'
+            assert encoder.num_landmarks == 49 and encoder.topk == 49  # mechanisms.md §5
+        else:  # the fully linear CBT-S + CBT head: CBSA in encoder and decoder
+            assert type(encoder).__name__ == 'CBSA' and encoder.num_reps == 64
 
 
 def test_mixing_configs_cover_the_zoo():

@@ -216,6 +216,16 @@ def _install_patch_grid(backbone: nn.Module) -> PatchGrid:
     return grid
 
 
+def _python_drop_probs(backbone: nn.Module) -> None:
+    """Make every stochastic-depth probability a Python float: mmpretrain's ViT takes
+    them from ``np.linspace`` (NumPy scalars), and a NumPy scalar in mmcv's ``drop_path``
+    test is a graph break under ``torch.compile`` (one per block in training)."""
+    for module in backbone.modules():
+        prob = getattr(module, 'drop_prob', None)
+        if prob is not None and type(prob) is not float:  # np.float64 is a float subclass
+            module.drop_prob = float(prob)
+
+
 _ADAPT_ARGS_DOC = """
     Args:
         adapt_layers: layers whose attention is adapted: ``None`` (default) = every
@@ -242,6 +252,7 @@ class PretrainAdaptedVisionTransformer(PretrainVisionTransformer):
     def __init__(self, *args, adapt_layers: Union[None, int, Sequence[int]] = None,
                  adapt_cfg: Optional[dict] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        _python_drop_probs(self)
         cfg = check_adapt_cfg(adapt_cfg, self.num_extra_tokens)
         self.adapted_layers = resolve_adapt_layers(adapt_layers, self.num_layers)
         self._patch_grid = _install_patch_grid(self)
@@ -264,6 +275,7 @@ class SegAdaptedVisionTransformer(SegVisionTransformer):
     def __init__(self, *args, adapt_layers: Union[None, int, Sequence[int]] = None,
                  adapt_cfg: Optional[dict] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        _python_drop_probs(self)
         cfg = check_adapt_cfg(adapt_cfg, 1 if self.with_cls_token else 0)
         self.adapted_layers = resolve_adapt_layers(adapt_layers, len(self.layers))
         self._patch_grid = _install_patch_grid(self)
