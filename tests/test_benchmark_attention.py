@@ -40,19 +40,60 @@ def test_tiny_run_writes_table_csv_and_plot(bench, tmp_path, capsys):
     finally:
         __import__('torch').set_num_threads(torch_threads)
     out = capsys.readouterr().out
-    assert '| cpu | 16 | fwd+bwd | CBSA |' in out
+    assert '| cpu | float32 | 16 | 1 | fwd+bwd | CBSA |' in out
     assert (tmp_path / 'benchmark_attention.png').stat().st_size > 0
     with open(tmp_path / 'benchmark_attention.csv') as f:
         table = list(csv.DictReader(f))
-    assert len(table) == len(rows) == 2 * 2 * 3  # N x mode x (MHSA, CBSA, TSSA)
+    # N x mode x (MHSA, CBSA, TSSA, and the linear-attention floor as a reference line)
+    assert len(table) == len(rows) == 2 * 2 * 4
     for r in rows:
         if r['mechanism'] == 'MHSA' and r['n'] == 64:  # above --max-quadratic-n: skipped
             assert r['time_ms'] is None and r['time_ratio'] is None
             continue
         assert r['time_ms'] > 0 and r['peak_mem_mb'] > 0
+        if r['mechanism'] == 'LinearFloor':
+            assert r['floor_ratio'] == 1.0
+        else:
+            floor = next(f for f in rows if f['mechanism'] == 'LinearFloor'
+                         and f['n'] == r['n'] and f['mode'] == r['mode'])
+            assert r['floor_ratio'] == pytest.approx(r['time_ms'] / floor['time_ms'])
         if r['n'] == 16:
             assert r['time_ratio'] is not None
             if r['mechanism'] == 'MHSA':
                 assert r['time_ratio'] == 1.0 and r['mem_ratio'] == 1.0
         else:
             assert r['time_ratio'] is None  # no baseline at this N
+
+
+def test_tokens_per_batch_dtype_and_floor_math(bench, tmp_path):
+    """``--tokens-per-batch`` sets each N's batch; ``--dtype bfloat16`` runs under
+    autocast; the floor module computes φ(q)(φ(k)ᵀv)/(φ(q)Σφ(k)) (checked by hand)."""
+    import torch
+    args = bench.parse_args(['--tokens-per-batch', '100', '--n-list', '16', '64', '256'])
+    assert [bench.batch_of(n, args) for n in args.n_list] == [6, 1, 1]
+    assert bench.batch_of(16, bench.parse_args(['--batch', '3'])) == 3
+    floor = bench.LinearFloor(8, 2)
+    x = torch.randn(2, 5, 8)
+    q, k, v = floor.qkv(x).view(2, 5, 3, 2, 4).unbind(2)  # (B, N, H, p) each
+    phi = [torch.nn.functional.elu(t) + 1 for t in (q, k)]
+    out = torch.empty(2, 5, 2, 4)
+    for b in range(2):
+        for h in range(2):
+            qb, kb, vb = phi[0][b, :, h], phi[1][b, :, h], v[b, :, h]
+            for n in range(5):
+                w = kb @ qb[n]  # (N,) kernel weights of query n
+                out[b, n, h] = (w[:, None] * vb).sum(0) / w.sum()
+    expected = floor.proj(out.reshape(2, 5, 8))
+    assert torch.allclose(floor(x), expected, atol=1e-5)
+    torch_threads = torch.get_num_threads()
+    try:
+        rows = bench.main(['--n-list', '16', '--embed-dims', '32', '--num-heads', '2',
+                           '--num-reps', '2x2', '--mechanisms', 'CBSA', '--devices', 'cpu',
+                           '--threads', '1', '--warmup', '1', '--repeat', '1', '--dtype',
+                           'bfloat16', '--tokens-per-batch', '48', '--no-memory',
+                           '--out-dir', str(tmp_path)])
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert {r['batch'] for r in rows} == {3} and {r['dtype'] for r in rows} == {'bfloat16'}
+    with pytest.raises(SystemExit, match='--tokens-per-batch must be >= 1'):
+        bench.main(['--tokens-per-batch', '0', '--devices', 'cpu'])

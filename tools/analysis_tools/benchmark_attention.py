@@ -36,6 +36,19 @@ machine). The tool therefore sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environ
 already sets it, and prints the load average and the policy with the table.
 ``--timer process`` with ``--threads 1`` gives numbers that are robust to other load.
 
+Precision: ``--dtype float32`` (default) runs the modules in float32 (PyTorch's default:
+no TF32 matrix products); ``bfloat16`` / ``float16`` run them under autocast to that dtype (the
+way mmengine's AMP optimizer wrappers train), inputs and weights stay float32.
+
+Reference line ``LinearFloor`` (not an mmcbsa module): the cheapest non-causal linear
+attention with the same projections as MHSA, ``φ(q) (φ(k)ᵀ v) / (φ(q) Σ_n φ(k_n))`` with
+``φ = elu + 1`` (Katharopoulos et al. 2020), in plain PyTorch: what any attention that is
+linear in ``N`` costs at least in PyTorch operators; ``× floor`` columns compare with it.
+
+``--tokens-per-batch T``: the batch of each ``N`` is ``T // N`` (at least 1), so every
+``N`` processes about the same number of tokens (how the GPU comparison of
+docs/benchmark_attention.md is made: 65,536 tokens per batch).
+
 Quadratic mechanisms (MHSA, MSSA) above ``--max-quadratic-n`` are skipped (a
 16384-token softmax attention fwd+bwd on 2 CPU threads takes tens of seconds per
 call); ratios against MHSA are then ``n/a``.
@@ -67,7 +80,9 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 import torch  # noqa: E402
 
 BASELINE = 'MHSA'
+FLOOR = 'LinearFloor'
 CANDIDATES = ('CBSA', 'AdaptedCBSA', 'MSSA', 'TSSA', 'MiTA', 'PrimalAttention')
+DTYPES = {'float32': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 QUADRATIC = ('MHSA', 'MSSA')
 MODES = ('fwd', 'fwd+bwd')
 
@@ -84,8 +99,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--num-reps', type=str, default='64',
                         help="CBSA representatives: m (a square) or 'RxC', e.g. 8x8")
     parser.add_argument('--batch', type=int, default=1)
+    parser.add_argument('--tokens-per-batch', type=int, default=None,
+                        help='batch = max(1, T // N) for each N (overrides --batch)')
+    parser.add_argument('--dtype', choices=list(DTYPES), default='float32',
+                        help='float32, or autocast to bfloat16 / float16')
+    parser.add_argument('--no-floor', action='store_true',
+                        help=f'leave out the {FLOOR} reference line')
     parser.add_argument('--mechanisms', nargs='+', default=None,
-                        help=f'subset of {(BASELINE,) + CANDIDATES} (default: all registered)')
+                        help=f'subset of {CANDIDATES} (default: all registered; '
+                        f'{BASELINE} and {FLOOR} are always measured)')
     parser.add_argument('--devices', nargs='+', default=None,
                         help="'cpu' and/or 'cuda' (default: cpu, plus cuda when available)")
     parser.add_argument('--threads', type=int, default=2, help='torch.set_num_threads on CPU')
@@ -118,21 +140,44 @@ def parse_reps(text: str):
     return int(text)
 
 
-def available_mechanisms(requested: Optional[List[str]]) -> List[str]:
+def available_mechanisms(requested: Optional[List[str]], floor: bool = True) -> List[str]:
     import mmcbsa  # noqa: F401  (registers the attentions)
     from mmseg.registry import MODELS
     names = [BASELINE] + [n for n in CANDIDATES if MODELS.get(n) is not None]
     if requested:
-        missing = [n for n in requested if n not in names]
+        missing = [n for n in requested if n not in names + [FLOOR]]
         if missing:
             raise SystemExit(f'not registered in MODELS: {missing}; available: {names}')
         names = [BASELINE] + [n for n in names[1:] if n in requested]
-    return names
+    return names + [FLOOR] * floor
+
+
+class LinearFloor(torch.nn.Module):
+    """``φ(q) (φ(k)ᵀ v) / (φ(q) Σ_n φ(k_n))``, ``φ = elu + 1``, per head, between
+    MHSA's projections: the reference line of the benchmark (module docstring)."""
+
+    def __init__(self, embed_dims: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = torch.nn.Linear(embed_dims, 3 * embed_dims)
+        self.proj = torch.nn.Linear(embed_dims, embed_dims)
+
+    def forward(self, x: torch.Tensor, hw_shape=None) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q = torch.nn.functional.elu(q) + 1
+        k = torch.nn.functional.elu(k) + 1
+        kv = k.transpose(-1, -2) @ v  # (B, H, p, p)
+        norm = q @ k.sum(2, keepdim=True).transpose(-1, -2)  # (B, H, N, 1)
+        out = (q @ kv) / norm
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
 def build(name: str, args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     """Through mmseg's MODELS (the registry users' configs go through)."""
     from mmseg.registry import MODELS
+    if name == FLOOR:
+        return LinearFloor(args.embed_dims, args.num_heads).to(device)
     cfg = dict(type=name, embed_dims=args.embed_dims, num_heads=args.num_heads)
     if name in ('CBSA', 'AdaptedCBSA'):
         cfg['num_reps'] = parse_reps(args.num_reps)
@@ -145,17 +190,24 @@ def sync(device: torch.device) -> None:
 
 
 def make_call(module: torch.nn.Module, x: torch.Tensor, hw: Tuple[int, int],
-              mode: str) -> Callable[[], None]:
+              mode: str, dtype: Optional[torch.dtype] = None) -> Callable[[], None]:
+    """One forward (``'fwd'``, no autograd) or forward + backward, under autocast to
+    ``dtype`` when given."""
+    def run():
+        with torch.autocast(x.device.type, dtype=dtype or torch.float32,
+                            enabled=dtype is not None):
+            return module(x, hw_shape=hw)
+
     def fwd():
         with torch.no_grad():
-            module(x, hw_shape=hw)
+            run()
 
     grad_y = torch.randn_like(x)  # a dense upstream gradient (not the expanded one of .sum())
 
     def fwd_bwd():
         module.zero_grad(set_to_none=True)
         x.grad = None
-        module(x, hw_shape=hw).backward(grad_y)
+        run().backward(grad_y)
 
     return fwd if mode == 'fwd' else fwd_bwd
 
@@ -197,10 +249,17 @@ def peak_memory(call: Callable[[], None], device: torch.device) -> float:
     return float(peak)
 
 
+def batch_of(n: int, args: argparse.Namespace) -> int:
+    """The batch at ``N = n`` tokens (``--tokens-per-batch`` or ``--batch``)."""
+    return max(1, args.tokens_per_batch // n) if args.tokens_per_batch else args.batch
+
+
 def bench_device(device: torch.device, names: List[str], args: argparse.Namespace) -> List[dict]:
     rows = []
+    dtype = DTYPES[args.dtype]
     for n in args.n_list:
         hw = grid_of(n)
+        batch = batch_of(n, args)
         active = [m for m in names if not (m in QUADRATIC and n > args.max_quadratic_n)]
         torch.manual_seed(args.seed)
         modules, inputs = {}, {}
@@ -210,10 +269,10 @@ def bench_device(device: torch.device, names: List[str], args: argparse.Namespac
             except Exception as err:  # report and go on with the others
                 print(f'[{device.type}] N={n}: cannot build {name}: {err}', file=sys.stderr)
                 continue
-            inputs[name] = torch.randn(args.batch, 1 + n, args.embed_dims, device=device,
+            inputs[name] = torch.randn(batch, 1 + n, args.embed_dims, device=device,
                                        requires_grad=True)
         for mode in MODES:
-            calls = {k: make_call(modules[k], inputs[k], hw, mode) for k in modules}
+            calls = {k: make_call(modules[k], inputs[k], hw, mode, dtype) for k in modules}
             times: Dict[str, List[float]] = {k: [] for k in calls}
             for _ in range(args.warmup):
                 for call in calls.values():
@@ -225,7 +284,8 @@ def bench_device(device: torch.device, names: List[str], args: argparse.Namespac
             mem = {} if args.no_memory else {k: peak_memory(c, device) for k, c in calls.items()}
             for name in names:
                 row = dict(device=device.type, mechanism=name, n=n, grid=f'{hw[0]}x{hw[1]}',
-                           mode=mode, batch=args.batch, time_ms=None, peak_mem_mb=None)
+                           mode=mode, batch=batch, dtype=args.dtype, time_ms=None,
+                           peak_mem_mb=None)
                 if name in times:
                     row['time_ms'] = statistics.median(times[name]) * 1e3
                     if name in mem:
@@ -237,13 +297,17 @@ def bench_device(device: torch.device, names: List[str], args: argparse.Namespac
         del modules, inputs
         if device.type == 'cuda':
             torch.cuda.empty_cache()
-    # ratios against the baseline of the same device, N and mode
+    # ratios against the baseline (and the floor) of the same device, N and mode
     base = {(r['device'], r['n'], r['mode']): r for r in rows if r['mechanism'] == BASELINE}
+    floor = {(r['device'], r['n'], r['mode']): r for r in rows if r['mechanism'] == FLOOR}
     for r in rows:
-        b = base.get((r['device'], r['n'], r['mode']))
+        key3 = (r['device'], r['n'], r['mode'])
+        b, f = base.get(key3), floor.get(key3)
         for key, out in (('time_ms', 'time_ratio'), ('peak_mem_mb', 'mem_ratio')):
             ok = b is not None and r[key] is not None and b[key]
             r[out] = r[key] / b[key] if ok else None
+        ok = f is not None and r['time_ms'] is not None and f['time_ms']
+        r['floor_ratio'] = r['time_ms'] / f['time_ms'] if ok else None
     return rows
 
 
@@ -252,19 +316,21 @@ def fmt(value: Optional[float], spec: str) -> str:
 
 
 def table(rows: List[dict]) -> str:
-    head = ('| device | N | mode | mechanism | time (ms) | × MHSA | peak mem (MiB) | × MHSA |\n'
-            '|---|---:|---|---|---:|---:|---:|---:|')
+    head = ('| device | dtype | N | batch | mode | mechanism | time (ms) | × MHSA | × floor '
+            '| peak mem (MiB) | × MHSA |\n'
+            '|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|')
     lines = [head]
     for r in rows:
-        lines.append(f"| {r['device']} | {r['n']} | {r['mode']} | {r['mechanism']} | "
-                     f"{fmt(r['time_ms'], '.2f')} | {fmt(r['time_ratio'], '.3f')} | "
+        lines.append(f"| {r['device']} | {r['dtype']} | {r['n']} | {r['batch']} | {r['mode']} "
+                     f"| {r['mechanism']} | {fmt(r['time_ms'], '.2f')} | "
+                     f"{fmt(r['time_ratio'], '.3f')} | {fmt(r['floor_ratio'], '.2f')} | "
                      f"{fmt(r['peak_mem_mb'], '.1f')} | {fmt(r['mem_ratio'], '.3f')} |")
     return '\n'.join(lines)
 
 
 def write_csv(rows: List[dict], path: str) -> None:
-    keys = ['device', 'mechanism', 'n', 'grid', 'batch', 'mode', 'time_ms', 'time_ratio',
-            'peak_mem_mb', 'mem_ratio']
+    keys = ['device', 'dtype', 'mechanism', 'n', 'grid', 'batch', 'mode', 'time_ms',
+            'time_ratio', 'floor_ratio', 'peak_mem_mb', 'mem_ratio']
     with open(path, 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
@@ -288,11 +354,12 @@ def plot(rows: List[dict], path: str, title: str) -> None:
                              and r['mechanism'] == mech and r['time_ms'] is not None)
                 if pts:
                     ax.plot(*zip(*pts), marker='o', label=mech,
-                            linestyle='--' if mech == BASELINE else '-')
+                            linestyle={BASELINE: '--', FLOOR: ':'}.get(mech, '-'),
+                            color='black' if mech == FLOOR else None)
             ax.set_xscale('log', base=2)
             ax.set_yscale('log')
             ax.set_xlabel('patch tokens N')
-            ax.set_ylabel('time (ms)')
+            ax.set_ylabel('time per call (ms)')
             ax.set_title(f'{dev}: {mode}')
             ax.grid(True, which='both', alpha=0.3)
             ax.legend()
@@ -304,8 +371,13 @@ def plot(rows: List[dict], path: str, title: str) -> None:
 
 def main(argv=None) -> List[dict]:
     args = parse_args(argv)
+    for name in ('batch', 'threads', 'repeat'):
+        if getattr(args, name) < 1:
+            raise SystemExit(f'benchmark_attention.py: error: --{name} must be >= 1')
+    if args.tokens_per_batch is not None and args.tokens_per_batch < 1:
+        raise SystemExit('benchmark_attention.py: error: --tokens-per-batch must be >= 1')
     torch.set_num_threads(args.threads)
-    names = available_mechanisms(args.mechanisms)
+    names = available_mechanisms(args.mechanisms, floor=not args.no_floor)
     devices = args.devices or (['cpu'] + (['cuda'] if torch.cuda.is_available() else []))
     load_before = os.getloadavg() if hasattr(os, 'getloadavg') else None
     rows = []
@@ -318,8 +390,11 @@ def main(argv=None) -> List[dict]:
         raise SystemExit(f'benchmark_attention.py: nothing to measure: none of the devices '
                          f'{devices} is available')
     os.makedirs(args.out_dir, exist_ok=True)
-    title = (f'C={args.embed_dims}, H={args.num_heads}, CBSA m={args.num_reps}, B={args.batch}, '
-             f'CPU threads={args.threads}, {args.timer} time, median of {args.repeat}')
+    batch = (f'{args.tokens_per_batch} tokens per batch' if args.tokens_per_batch
+             else f'B={args.batch}')
+    title = (f'C={args.embed_dims}, H={args.num_heads}, CBSA m={args.num_reps}, {batch}, '
+             f'{args.dtype}, CPU threads={args.threads}, {args.timer} time, '
+             f'median of {args.repeat}')
     print(f'# attention benchmark: {title}; torch {torch.__version__}')
     if load_before is not None:  # other work on the machine distorts CPU wall times
         print('# 1-min load average before / after: '

@@ -7,8 +7,13 @@ table (also written to ``gpu_check.md`` there):
   with the skip reasons);
 * ``benchmark_attention/benchmark_attention.csv``: fwd+bwd time and peak memory of
   every attention on CUDA at the largest token count, with the ratio to MHSA;
-* ``train_throughput/train_throughput.csv``: training images/s of each segmentor
-  and the ratio to mmseg's Segmenter ViT-S.
+* ``train_throughput/train_throughput.csv``: training images/s of each model and the
+  ratio to its baseline (Segmenter ViT-S, DeiT);
+* ``inference*/inference_throughput.csv``: inference latency / throughput, eager and
+  compiled;
+
+then one table of the speed targets (:data:`TARGETS`, issue 18) with the measured value
+and whether each holds.
 
 A step whose file is missing is reported as not run, with the reason (no CUDA device,
 or see the log above).
@@ -19,6 +24,7 @@ Example::
 """
 import argparse
 import csv
+import glob
 import os.path as osp
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -69,32 +75,114 @@ def benchmark_rows(path: str, cuda: bool) -> List[Row]:
     return out
 
 
-def throughput_rows(path: str, cuda: bool) -> List[Row]:
-    what = 'training throughput'
+def _read(path: str) -> List[dict]:
     if not osp.isfile(path):
-        return _missing(what, cuda)
+        return []
     with open(path) as f:
-        rows = list(csv.DictReader(f))
-    base = next((float(r['images_per_s']) for r in rows if r['model'] == 'segmenter-vit-s'),
-                None)
+        return list(csv.DictReader(f))
+
+
+def throughput_rows(paths: List[str], cuda: bool, what: str) -> List[Row]:
+    rows = [r for p in paths for r in _read(p)]
+    if not rows:
+        return _missing(what, cuda)
     out = []
     for r in rows:
         ips = float(r['images_per_s'])
-        ratio = f', {ips / base:.2f}× Segmenter ViT-S' if base else ''
-        mem = f", peak {float(r['peak_mem_gib']):.1f} GiB" if r['peak_mem_gib'] else ''
+        ratio = f", {float(r['ratio']):.2f}× {r['baseline']}" if r.get('ratio') else ''
+        mem = f", peak {float(r['peak_mem_gib']):.1f} GiB" if r.get('peak_mem_gib') else ''
+        compiled = ', compiled' if r.get('compiled') == 'True' else ''
         out.append((f"{what} ({r['device']}, {r['dtype']}, {r['img_size']}², batch "
-                    f"{r['batch_size']})", r['model'], f'{ips:.1f} images/s{ratio}{mem}'))
+                    f"{r['batch_size']}{compiled})", r['model'],
+                    f"{ips:.1f} images/s ({float(r['step_ms']):.2f} ms){ratio}{mem}"))
     return out
+
+
+# (description, kind, selector, bound, le): ``le`` True means measured <= bound holds.
+# kinds: 'attn' (fwd+bwd time / MHSA or / floor at N), 'train' / 'infer' (images/s ratio,
+# or the latency ratio for batch 1).
+TARGETS = [
+    ('CBT-S + CBT head vs Segmenter ViT-S, 512², inference throughput, batch 32',
+     'infer', dict(model='cbt-s-cbt-head', batch=32, img=512), 1.6, False),
+    ('CBT-S + CBT head vs Segmenter ViT-S, 512², batch-1 latency (compiled allowed)',
+     'latency', dict(model='cbt-s-cbt-head', batch=1, img=512), 0.7, True),
+    ('CBT-S + CBT head vs Segmenter ViT-S, 512², training throughput, batch 8',
+     'train', dict(model='cbt-s-cbt-head'), 2.0, False),
+    ('CBT head on Segmenter ViT-S vs Segmenter, training throughput', 'train',
+     dict(model='cbt-head-vit-s'), 1.0, False),
+    ('DEPICT-SA head on Segmenter ViT-S vs Segmenter, training throughput', 'train',
+     dict(model='depict-sa-vit-s'), 1.0, False),
+    ('CBSA fwd+bwd vs SDPA, N=1024', 'attn', dict(mech='CBSA', n=1024), 0.9, True),
+    ('CBSA fwd+bwd vs SDPA, N=4096', 'attn', dict(mech='CBSA', n=4096), 0.5, True),
+    ('CBSA fwd+bwd vs SDPA, N=16384', 'attn', dict(mech='CBSA', n=16384), 0.25, True),
+    ('CBSA fwd+bwd vs the linear-attention floor, N=65536', 'floor',
+     dict(mech='CBSA', n=65536), 1.5, True),
+    ('MiTA fwd+bwd vs SDPA, N=1024', 'attn', dict(mech='MiTA', n=1024), 1.2, True),
+    ('MiTA fwd+bwd vs SDPA, N=16384', 'attn', dict(mech='MiTA', n=16384), 0.3, True),
+]
+
+
+def _measure(kind: str, sel: dict, bench: List[dict], train: List[dict],
+             infer: List[dict]):
+    """``(value, how)`` of one target, or ``(None, why)``."""
+    if kind in ('attn', 'floor'):
+        col = 'time_ratio' if kind == 'attn' else 'floor_ratio'
+        hit = [r for r in bench if r['device'] == 'cuda' and r['mode'] == 'fwd+bwd'
+               and r['mechanism'] == sel['mech'] and int(r['n']) == sel['n'] and r.get(col)]
+        if not hit:
+            return None, 'not measured'
+        r = hit[0]
+        return float(r[col]), f"{float(r['time_ms']):.2f} ms, {r.get('dtype', '?')}, " \
+            f"batch {r['batch']}"
+    if kind == 'train':
+        hit = [r for r in train if r['model'] == sel['model'] and r.get('ratio')]
+        if not hit:
+            return None, 'not measured'
+        return float(hit[0]['ratio']), f"{float(hit[0]['images_per_s']):.1f} images/s"
+    hit = [r for r in infer if r['model'] == sel['model'] and int(r['batch_size']) == sel['batch']
+           and int(r['img_size']) == sel['img'] and r.get('ratio')]
+    if not hit:
+        return None, 'not measured'
+    if kind == 'infer':
+        best = max(hit, key=lambda r: float(r['ratio']))
+        return float(best['ratio']), ('compiled' if best['compiled'] == 'True' else 'eager')
+    # latency ratio = 1 / throughput ratio at batch 1; the better of eager and compiled
+    best = max(hit, key=lambda r: float(r['ratio']))
+    return 1.0 / float(best['ratio']), ('compiled vs compiled' if best['compiled'] == 'True'
+                                        else 'eager vs eager') + \
+        f", {float(best['step_ms']):.2f} ms"
+
+
+def target_rows(out_dir: str) -> List[str]:
+    bench = _read(osp.join(out_dir, 'benchmark_attention', 'benchmark_attention.csv'))
+    train = _read(osp.join(out_dir, 'train_throughput', 'train_throughput.csv'))
+    infer = [r for p in sorted(glob.glob(osp.join(out_dir, 'inference*',
+                                                  'inference_throughput.csv')))
+             for r in _read(p)]
+    lines = ['| target | bound | measured | holds |', '|---|---:|---:|---|']
+    for text, kind, sel, bound, le in TARGETS:
+        value, how = _measure(kind, sel, bench, train, infer)
+        if value is None:
+            lines.append(f"| {text} | {'≤' if le else '≥'} {bound}× | {how} | n/a |")
+            continue
+        ok = value <= bound if le else value >= bound
+        lines.append(f"| {text} | {'≤' if le else '≥'} {bound}× | {value:.2f}× ({how}) | "
+                     f"{'yes' if ok else '**no**'} |")
+    return lines
 
 
 def report(out_dir: str, cuda: bool) -> str:
     rows = (pytest_rows(osp.join(out_dir, 'pytest_cuda.xml'), cuda)
             + benchmark_rows(osp.join(out_dir, 'benchmark_attention',
                                       'benchmark_attention.csv'), cuda)
-            + throughput_rows(osp.join(out_dir, 'train_throughput', 'train_throughput.csv'),
-                              cuda))
+            + throughput_rows([osp.join(out_dir, 'train_throughput', 'train_throughput.csv')],
+                              cuda, 'training throughput')
+            + throughput_rows(sorted(glob.glob(osp.join(out_dir, 'inference*',
+                                                        'inference_throughput.csv'))),
+                              cuda, 'inference'))
     lines = ['| check | item | result |', '|---|---|---|']
     lines += [f'| {a} | {b} | {c} |' for a, b, c in rows]
+    lines += ['', 'Targets (issue 18; ratios in this run):', ''] + target_rows(out_dir)
     return '\n'.join(lines)
 
 

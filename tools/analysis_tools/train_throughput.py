@@ -1,28 +1,52 @@
-"""Training throughput of segmentors through mmengine's Runner, against mmseg's Segmenter.
+"""Training and inference throughput of segmentors and classifiers, against their
+softmax-attention baselines, in one process.
 
-For each model (default: the CBT head and the DEPICT-SA head on mmseg's Segmenter ViT-S,
-and mmseg's own ``segmenter_vit-s_mask_8xb1-160k_ade20k-512x512`` as the baseline) the
-real config is loaded and changed only where a benchmark must:
+Models (``--models``; each is compared with the baseline of its kind, which is always
+added):
 
-* data: a synthetic ADE20K (``tools/misc/make_mini_dataset.py``, images already of
-  ``--img-size``, read by mmseg's ``ADE20KDataset``; no download), loaded and packed
-  without augmentation (``LoadImageFromFile``, ``LoadAnnotations``, ``PackSegInputs``);
+* segmentors at ``--img-size`` on a synthetic ADE20K: mmseg's own
+  ``segmenter_vit-s_mask_8xb1-160k_ade20k-512x512`` (baseline ``segmenter-vit-s``), the CBT
+  head and the DEPICT-SA head on that Segmenter ViT-S (``cbt-head-vit-s``,
+  ``depict-sa-vit-s``) and the fully linear CBT-S encoder + CBT head (``cbt-s-cbt-head``);
+* classifiers at ``--img-size`` on a synthetic ImageNet: mmpretrain's DeiT-S (baseline
+  ``deit-s``) and CBT-S (``cbt-s``), DeiT-T and CBT-T (``deit-t``, ``cbt-t``, baseline
+  ``deit-t``) — the paper's throughput comparison (CBT vs ViT at 512², docs/mechanisms.md).
+
+``--mode train`` (default): the real config is loaded and changed only where a benchmark
+must:
+
+* data: synthetic images already of ``--img-size`` (``tools/misc/make_mini_dataset.py``;
+  mmseg's ``ADE20KDataset`` / mmpretrain's ``ImageNet``; no download), loaded and packed
+  without augmentation;
 * ``--batch-size`` images per iteration, ``--warmup`` + ``--iters`` iterations of
   mmengine's ``IterBasedTrainLoop``, no validation, no checkpoints, no pretrained
   weights (random initialisation: speed does not depend on the weights);
 * mixed precision through mmengine's optimizer wrappers (``--dtype``): ``bfloat16`` ->
   ``BF16AmpOptimWrapper`` (autocast, no loss scaling), ``float16`` ->
   ``AmpOptimWrapper`` with dynamic loss scaling (CUDA only), ``float32`` -> the
-  config's ``OptimWrapper``.
+  config's ``OptimWrapper``;
+* ``--compile``: mmengine's own switch (``cfg.compile = True``: the Runner compiles
+  ``train_step`` with ``torch.compile``); the compilation happens in the warm-up
+  iterations and is reported as ``first step (s)``.
 
 A hook times each training step (``model.train_step``: forward, loss, backward,
 optimizer step; data loading excluded) with CUDA synchronisation; the throughput is
-``batch size × timed iterations / their total time``, reported with the ratio to the
-baseline of the same run, the peak CUDA memory and the last loss.
+``batch size × timed iterations / their total time``.
+
+``--mode inference``: the model of the same config in eval mode, a random normalised
+batch, ``model(inputs, mode='tensor')`` (logits before any resizing) under autocast:
+batch-1 latency (median of ``--iters`` calls) and the images/s of
+``--inference-batch`` images per call in eager mode and, with ``--compile``, the batch-1
+latency compiled with ``torch.compile(mode='reduce-overhead')`` (CUDA graphs; the first
+call's compilation time is reported).
+
+Every row has the ratio to the baseline of its kind in the same run, the peak CUDA
+memory and (training) the last loss.
 
 Examples::
 
     python tools/analysis_tools/train_throughput.py                       # CUDA, bf16, 512²
+    python tools/analysis_tools/train_throughput.py --mode inference --compile
     CUDA_VISIBLE_DEVICES= python tools/analysis_tools/train_throughput.py --device cpu \\
         --img-size 64 --batch-size 1 --warmup 1 --iters 1                  # a CPU smoke run
 """
@@ -36,22 +60,39 @@ import time
 from typing import Dict, List, Optional
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-BASELINE = 'segmenter-vit-s'
-MODELS = {  # name: config (a path in this repository or an mmseg:: config)
-    BASELINE: 'mmseg::segmenter/segmenter_vit-s_mask_8xb1-160k_ade20k-512x512.py',
-    'cbt-head-vit-s': 'configs/cbt/cbt-head_vit-s_mask_8xb1-160k_ade20k-512x512.py',
-    'depict-sa-vit-s': 'configs/depict/depict-sa_vit-s_mask_8xb1-160k_ade20k-512x512.py',
+BASELINE = 'segmenter-vit-s'  # the segmentation baseline (kept for the report's readers)
+MODELS = {  # name: (config: a path in this repository or an mmseg::/mmpretrain:: config,
+    #                 kind, baseline)
+    BASELINE: ('mmseg::segmenter/segmenter_vit-s_mask_8xb1-160k_ade20k-512x512.py', 'seg',
+               BASELINE),
+    'cbt-head-vit-s': ('configs/cbt/cbt-head_vit-s_mask_8xb1-160k_ade20k-512x512.py', 'seg',
+                       BASELINE),
+    'depict-sa-vit-s': ('configs/depict/depict-sa_vit-s_mask_8xb1-160k_ade20k-512x512.py',
+                        'seg', BASELINE),
+    'cbt-s-cbt-head': ('configs/cbt/cbt-small_cbt-head_8xb1-160k_ade20k-512x512.py', 'seg',
+                       BASELINE),
+    'deit-s': ('mmpretrain::deit/deit-small_4xb256_in1k.py', 'cls', 'deit-s'),
+    'cbt-s': ('configs/cbt/cbt-small_8xb32-lion-150e_in1k.py', 'cls', 'deit-s'),
+    'deit-t': ('mmpretrain::deit/deit-tiny_4xb256_in1k.py', 'cls', 'deit-t'),
+    'cbt-t': ('configs/cbt/cbt-tiny_8xb32-lion-150e_in1k.py', 'cls', 'deit-t'),
 }
+DEFAULT_MODELS = ['cbt-head-vit-s', 'depict-sa-vit-s', 'cbt-s-cbt-head', 'cbt-s']
 DTYPES = ('bfloat16', 'float16', 'float32')
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     from mmengine.config import DictAction
     parser = argparse.ArgumentParser(
-        description='Training throughput (images/s) of segmentors through mmengine, '
-        f'against {BASELINE}')
-    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS),
-                        help=f'models to time; {BASELINE} (the baseline) is always added')
+        description='Training (mmengine Runner) or inference throughput of segmentors and '
+        'classifiers against their softmax baselines (Segmenter ViT-S, DeiT)')
+    parser.add_argument('--models', nargs='+', default=DEFAULT_MODELS, choices=list(MODELS),
+                        help='models to time; the baseline of each one\'s kind is added')
+    parser.add_argument('--mode', default='train', choices=('train', 'inference'))
+    parser.add_argument('--compile', action='store_true',
+                        help='train: mmengine\'s compile switch; inference: also time '
+                        'torch.compile(mode="reduce-overhead")')
+    parser.add_argument('--inference-batch', type=int, default=32,
+                        help='images per call of the inference throughput')
     parser.add_argument('--device', default='cuda', choices=('cuda', 'cpu'))
     parser.add_argument('--dtype', default='bfloat16', choices=DTYPES)
     parser.add_argument('--img-size', type=int, default=512, help='square crop size')
@@ -71,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     """Impossible requests end here with one line (``SystemExit``)."""
     import torch
-    for name in ('img_size', 'batch_size', 'iters', 'num_images'):
+    for name in ('img_size', 'batch_size', 'iters', 'num_images', 'inference_batch'):
         if getattr(args, name) < 1:
             raise SystemExit(f'train_throughput.py: error: --{name.replace("_", "-")} must '
                              f'be >= 1, got {getattr(args, name)}')
@@ -92,27 +133,31 @@ def check_args(args: argparse.Namespace) -> None:
                          'with CUDA_VISIBLE_DEVICES=')
 
 
-def make_data(args: argparse.Namespace) -> str:
-    """The synthetic ADE20K at ``--img-size`` (written once, reused)."""
-    root = osp.join(args.work_dir, f'data_ade20k_{args.img_size}')
-    if not osp.isdir(osp.join(root, 'annotations', 'training')):
+def make_data(kind: str, args: argparse.Namespace) -> str:
+    """The synthetic ADE20K (``kind='seg'``) or ImageNet (``'cls'``) at ``--img-size``
+    (written once, reused)."""
+    dataset = 'ade20k' if kind == 'seg' else 'imagenet'
+    root = osp.join(args.work_dir, f'data_{dataset}_{args.img_size}')
+    done = osp.join(root, 'annotations', 'training') if kind == 'seg' else osp.join(
+        root, 'meta', 'train.txt')
+    if not osp.exists(done):
         import importlib.util
         spec = importlib.util.spec_from_file_location(
             'make_mini_dataset', osp.join(REPO, 'tools', 'misc', 'make_mini_dataset.py'))
         tool = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(tool)
-        tool.main(['--dataset', 'ade20k', '--out', root, '--num-train', str(args.num_images),
-                   '--num-val', '1', '--size', str(args.img_size), str(args.img_size)])
+        num = args.num_images if kind == 'seg' else max(1, args.num_images // 2)
+        extra = [] if kind == 'seg' else ['--num-classes', '2']  # num: images per class
+        tool.main(['--dataset', dataset, '--out', root, '--num-train', str(num),
+                   '--num-val', '1', '--size', str(args.img_size), str(args.img_size)] + extra)
     return root
 
 
-def build_cfg(name: str, data_root: str, args: argparse.Namespace):
-    """The model's config with the benchmark's changes (module docstring)."""
+def load_cfg(name: str, args: argparse.Namespace):
+    """The model's own config (through a two-line wrapper that imports mmcbsa)."""
     from mmengine.config import Config
-
-    from mmcbsa.engine import configure_amp
-    path = MODELS[name]
-    base = path if path.startswith('mmseg::') else osp.join(REPO, path)
+    path = MODELS[name][0]
+    base = path if '::' in path else osp.join(REPO, path)
     os.makedirs(args.work_dir, exist_ok=True)
     wrapper = osp.join(args.work_dir, f'{name}.py')
     with open(wrapper, 'w') as f:
@@ -120,35 +165,53 @@ def build_cfg(name: str, data_root: str, args: argparse.Namespace):
                 "custom_imports = dict(imports=['mmcbsa'], allow_failed_imports=False)\n")
     cfg = Config.fromfile(wrapper)
     size = (args.img_size, args.img_size)
+    cfg.model.pop('pretrained', None)
+    cfg.model.backbone.init_cfg = None
+    cfg.model.backbone.img_size = size if MODELS[name][1] == 'seg' else args.img_size
+    if MODELS[name][1] == 'seg':
+        cfg.model.data_preprocessor.size = size
+    cfg.merge_from_dict(args.cfg_options)
+    return cfg
+
+
+def build_cfg(name: str, data_root: str, args: argparse.Namespace):
+    """The model's config with the training benchmark's changes (module docstring)."""
+    from mmcbsa.engine import configure_amp
+    cfg = load_cfg(name, args)
     cfg.work_dir = osp.join(args.work_dir, name)
     cfg.log_level = 'WARNING'
-    cfg.model.pretrained = None
-    cfg.model.backbone.init_cfg = None
-    cfg.model.data_preprocessor.size = size
-    cfg.model.backbone.img_size = size
+    if MODELS[name][1] == 'seg':
+        dataset = dict(type='ADE20KDataset', data_root=data_root,
+                       data_prefix=dict(img_path='images/training',
+                                        seg_map_path='annotations/training'),
+                       pipeline=[dict(type='LoadImageFromFile'),
+                                 dict(type='LoadAnnotations', reduce_zero_label=True),
+                                 dict(type='PackSegInputs')])
+    else:
+        dataset = dict(type='ImageNet', data_root=data_root, split='train',
+                       pipeline=[dict(type='LoadImageFromFile'), dict(type='PackInputs')])
+        cfg.model.train_cfg = None  # no Mixup/CutMix batch augments (DeiT's recipe has them)
     cfg.train_dataloader = dict(
         batch_size=args.batch_size, num_workers=args.workers,
         persistent_workers=args.workers > 0,
-        sampler=dict(type='InfiniteSampler', shuffle=True),
-        dataset=dict(type='ADE20KDataset', data_root=data_root,
-                     data_prefix=dict(img_path='images/training',
-                                      seg_map_path='annotations/training'),
-                     pipeline=[dict(type='LoadImageFromFile'),
-                               dict(type='LoadAnnotations', reduce_zero_label=True),
-                               dict(type='PackSegInputs')]))
+        sampler=dict(type='InfiniteSampler', shuffle=True), dataset=dataset)
     cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=args.warmup + args.iters,
                          val_interval=10 ** 9)
     for key in ('val_dataloader', 'val_cfg', 'val_evaluator', 'test_dataloader', 'test_cfg',
                 'test_evaluator'):
         cfg[key] = None
+    cfg.param_scheduler = []
     cfg.default_hooks.checkpoint = None
     cfg.default_hooks.logger = dict(type='LoggerHook', interval=10 ** 9)
+    cfg.custom_hooks = []  # e.g. DeiT's EMA: not part of a training step's speed
     cfg.randomness = dict(seed=0)
     if args.dtype == 'bfloat16':
         cfg.optim_wrapper.type = 'BF16AmpOptimWrapper'
+        cfg.optim_wrapper.pop('loss_scale', None)
     elif args.dtype == 'float16':
         configure_amp(cfg, True, cuda=True)
-    cfg.merge_from_dict(args.cfg_options)
+    if args.compile:
+        cfg.compile = True  # mmengine's switch: Runner compiles model.train_step
     return cfg
 
 
@@ -162,6 +225,7 @@ def _step_timer(warmup: int, device: str):
 
         def __init__(self) -> None:
             self.times: List[float] = []
+            self.first: Optional[float] = None
             self.loss: Optional[float] = None
             self._start = 0.0
 
@@ -179,13 +243,27 @@ def _step_timer(warmup: int, device: str):
             self._sync()
             if batch_idx >= warmup:
                 self.times.append(time.perf_counter() - self._start)
+            elif batch_idx == 0:
+                self.first = time.perf_counter() - self._start
             if outputs is not None and 'loss' in outputs:
                 self.loss = float(outputs['loss'])
 
     return StepTimer()
 
 
-def run_model(name: str, data_root: str, args: argparse.Namespace) -> Dict:
+def _row(name: str, args: argparse.Namespace, **values) -> Dict:
+    config, kind, baseline = MODELS[name]
+    return dict(model=name, kind=kind, baseline=baseline, config=config, mode=args.mode,
+                dtype=args.dtype, device=args.device, img_size=args.img_size, **values)
+
+
+def _peak_gib(device: str) -> Optional[float]:
+    import torch
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if device == 'cuda' else None
+
+
+def run_model(name: str, data_root: str, args: argparse.Namespace) -> List[Dict]:
+    """Training throughput of one model through mmengine's Runner (one row)."""
     import torch
     from mmengine.runner import Runner
     cfg = build_cfg(name, data_root, args)
@@ -194,31 +272,99 @@ def run_model(name: str, data_root: str, args: argparse.Namespace) -> Dict:
     runner.register_hook(timer, priority='LOWEST')
     runner.train()
     total = sum(timer.times)
-    row = dict(model=name, config=MODELS[name], dtype=args.dtype, device=args.device,
-               img_size=args.img_size, batch_size=args.batch_size, iters=len(timer.times),
-               images_per_s=args.batch_size * len(timer.times) / total,
-               step_ms=statistics.median(timer.times) * 1e3, loss=timer.loss,
-               peak_mem_gib=(torch.cuda.max_memory_allocated() / 2 ** 30
-                             if args.device == 'cuda' else None))
+    row = _row(name, args, compiled=bool(args.compile), batch_size=args.batch_size,
+               iters=len(timer.times), images_per_s=args.batch_size * len(timer.times) / total,
+               step_ms=statistics.median(timer.times) * 1e3, first_s=timer.first,
+               loss=timer.loss, peak_mem_gib=_peak_gib(args.device))
     del runner
     if args.device == 'cuda':
         torch.cuda.empty_cache()
-    return row
+    return [row]
+
+
+def _timed(call, iters: int, device: str) -> List[float]:
+    """Seconds of each of ``iters`` calls (synchronised on CUDA)."""
+    import torch
+    times = []
+    for _ in range(iters):
+        if device == 'cuda':
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        call()
+        if device == 'cuda':
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_inference(name: str, args: argparse.Namespace) -> List[Dict]:
+    """Batch-1 latency and batch-``--inference-batch`` throughput of one model, eager
+    and (``--compile``) compiled with CUDA graphs."""
+    import torch
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import MODELS as CLS_MODELS
+    from mmseg.registry import MODELS as SEG_MODELS
+    cfg = load_cfg(name, args)
+    seg = MODELS[name][1] == 'seg'
+    init_default_scope('mmseg' if seg else 'mmpretrain')
+    model = (SEG_MODELS if seg else CLS_MODELS).build(cfg.model).to(args.device).eval()
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    variants = [('eager', model)]
+    if args.compile:
+        variants.append(('compiled', torch.compile(model, mode='reduce-overhead')))
+    for label, fn in variants:
+        # compiled: batch 1 only (each batch size is another compilation, ~1 min on a GPU)
+        for batch in (1, ) if label == 'compiled' else dict.fromkeys((1, args.inference_batch)):
+            x = torch.randn(batch, 3, args.img_size, args.img_size, device=args.device)
+
+            def call(fn=fn, x=x):
+                with torch.no_grad(), torch.autocast(args.device, dtype=dtype,
+                                                     enabled=dtype != torch.float32):
+                    fn(x, mode='tensor')
+
+            if args.device == 'cuda':
+                torch.cuda.reset_peak_memory_stats()
+            first = _timed(call, 1, args.device)[0]
+            _timed(call, args.warmup, args.device)
+            times = _timed(call, args.iters, args.device)
+            median = statistics.median(times)
+            rows.append(_row(name, args, compiled=label == 'compiled', batch_size=batch,
+                             iters=len(times), images_per_s=batch / median,
+                             step_ms=median * 1e3, first_s=first, loss=None,
+                             peak_mem_gib=_peak_gib(args.device)))
+            print(f'[train_throughput] {name} {label} batch {batch}: {median * 1e3:.2f} ms '
+                  f'per call (first call {first:.1f} s)', file=sys.stderr, flush=True)
+    del model, variants
+    if args.device == 'cuda':
+        torch.cuda.empty_cache()
+    return rows
+
+
+def add_ratios(rows: List[Dict]) -> None:
+    """``ratio``: images/s over the baseline's with the same kind, batch and compilation
+    (``None`` where the baseline has no such row)."""
+    base = {(r['model'], r['batch_size'], r['compiled']): r['images_per_s'] for r in rows}
+    for r in rows:
+        b = base.get((r['baseline'], r['batch_size'], r['compiled']))
+        r['ratio'] = r['images_per_s'] / b if b else None
+
+
+def _fmt(value, spec: str) -> str:
+    return 'n/a' if value is None else format(value, spec)
 
 
 def table(rows: List[Dict]) -> str:
-    base = next((r['images_per_s'] for r in rows if r['model'] == BASELINE), None)
-    lines = ['| model | dtype | img | batch | images/s | × Segmenter ViT-S | step (ms, median) '
-             '| peak mem (GiB) | last loss |',
-             '|---|---|---:|---:|---:|---:|---:|---:|---:|']
+    lines = ['| mode | model | baseline | compiled | dtype | img | batch | images/s | × baseline '
+             '| ms per step / call (median) | first (s) | peak mem (GiB) | last loss |',
+             '|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
     for r in rows:
-        ratio = r['images_per_s'] / base if base else None
         lines.append(
-            f"| {r['model']} | {r['dtype']} | {r['img_size']} | {r['batch_size']} | "
-            f"{r['images_per_s']:.1f} | {'n/a' if ratio is None else f'{ratio:.2f}'} | "
-            f"{r['step_ms']:.1f} | "
-            f"{'n/a' if r['peak_mem_gib'] is None else format(r['peak_mem_gib'], '.2f')} | "
-            f"{r['loss']:.3f} |")
+            f"| {r['mode']} | {r['model']} | {r['baseline']} | "
+            f"{'yes' if r['compiled'] else 'no'} | {r['dtype']} | {r['img_size']} | "
+            f"{r['batch_size']} | {r['images_per_s']:.1f} | {_fmt(r['ratio'], '.2f')} | "
+            f"{r['step_ms']:.2f} | {_fmt(r['first_s'], '.1f')} | "
+            f"{_fmt(r['peak_mem_gib'], '.2f')} | {_fmt(r['loss'], '.3f')} |")
     return '\n'.join(lines)
 
 
@@ -226,21 +372,30 @@ def main(argv=None) -> List[Dict]:
     args = parse_args(argv)
     check_args(args)
     import mmcbsa  # noqa: F401  (registers modules and the AMP wrapper)
-    names = [BASELINE] + [m for m in args.models if m != BASELINE]
-    data_root = make_data(args)
+    names = list(dict.fromkeys(n for m in args.models for n in (MODELS[m][2], m)))
     rows = []
+    roots: Dict[str, str] = {}
     for name in names:
         t0 = time.perf_counter()
-        rows.append(run_model(name, data_root, args))
+        if args.mode == 'train':
+            kind = MODELS[name][1]
+            if kind not in roots:
+                roots[kind] = make_data(kind, args)
+            rows += run_model(name, roots[kind], args)
+        else:
+            rows += run_inference(name, args)
         print(f'[train_throughput] {name}: {rows[-1]["images_per_s"]:.1f} images/s '
               f'({time.perf_counter() - t0:.0f} s with building)', file=sys.stderr, flush=True)
+    add_ratios(rows)
     out = table(rows)
     print(out)
-    with open(osp.join(args.work_dir, 'train_throughput.csv'), 'w', newline='') as f:
+    stem = 'train_throughput' if args.mode == 'train' else 'inference_throughput'
+    os.makedirs(args.work_dir, exist_ok=True)
+    with open(osp.join(args.work_dir, f'{stem}.csv'), 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    with open(osp.join(args.work_dir, 'train_throughput.md'), 'w') as f:
+    with open(osp.join(args.work_dir, f'{stem}.md'), 'w') as f:
         f.write(out + '\n')
     return rows
 
