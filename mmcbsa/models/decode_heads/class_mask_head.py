@@ -182,6 +182,14 @@ class ClassMaskHead(BaseDecodeHead):
         patches, c = self.decode(x, c, (h, w))
         return self.masks(patches, c, (h, w))
 
+    def loss_by_feat(self, seg_logits: Tensor, batch_data_samples) -> dict:
+        """:class:`BaseDecodeHead`'s loss, with the ``(B, K, h, w)`` masks resized to the
+        image in float32: under bfloat16 autocast mmseg would resize (and back-propagate
+        through the resize of) bfloat16 logits — less exact, and the bfloat16 backward of
+        bilinear upsampling took 55 ms of a 95 ms training step (batch 8, 512², 150
+        classes, H200; docs/benchmark_attention.md, "CUDA")."""
+        return super().loss_by_feat(seg_logits.float(), batch_data_samples)
+
     def masks(self, patches: Tensor, c: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
         """Masks (docs/mechanisms.md §3): cosine similarity of patches and classes, LN
         over classes (binary mode: the learned affine ``s · cos + b`` instead of the LN).
