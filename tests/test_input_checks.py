@@ -24,6 +24,7 @@ from seg_helpers import tiny_vit_segmentor
 
 import mmcbsa  # noqa: F401  (registers the modules)
 from mmcbsa.models.attentions import base as attn_base
+from mmcbsa.ops import once
 from mmcbsa.models.backbones import WhiteBoxViT
 from mmcbsa.models.layers import ISTA
 from mmcbsa.registry import build_model
@@ -36,7 +37,7 @@ SOFTMAX_CE = dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)
 @pytest.fixture
 def fresh_warnings(monkeypatch):
     """An empty warn-once registry, and every warning recorded."""
-    monkeypatch.setattr(attn_base, '_WARNED', set())
+    monkeypatch.setattr(once, '_WARNED', set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         yield caught

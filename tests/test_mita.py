@@ -7,15 +7,18 @@ CUDA (marked); build errors and the converter."""
 import contextlib
 import math
 import os
+import stat
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import fixture_params, load_fixture
 
 from mmcbsa.converters.mita import convert_mita_attention, mita_kwargs_from_reference
-from mmcbsa.models.attentions import base as attn_base
+from mmcbsa.ops import once
 from mmcbsa.models.attentions.mita import MiTA
 from mmcbsa.ops import mita_cpu
 
@@ -317,7 +320,7 @@ def test_mita_fewer_tokens_than_topk_routes_to_all_keys(monkeypatch):
     """issue 11: mmseg's segmentor tests use 4×4 images; MiTA with k = 49 routes to all
     ``min(k, N)`` keys instead of raising (the hand-reference cases ``*topk-above-n``
     check the values)."""
-    monkeypatch.setattr(attn_base, '_WARNED', set())
+    monkeypatch.setattr(once, '_WARNED', set())
     attn = MiTA(48, 3, num_landmarks=49, topk=49)
     attn.record_attention = True
     with pytest.warns(UserWarning, match='49 landmarks'):
@@ -328,7 +331,7 @@ def test_mita_fewer_tokens_than_topk_routes_to_all_keys(monkeypatch):
 
 
 def test_mita_warns_once_about_more_landmarks_than_patches(monkeypatch):
-    monkeypatch.setattr(attn_base, '_WARNED', set())
+    monkeypatch.setattr(once, '_WARNED', set())
     attn = MiTA(24, 2, num_landmarks=(5, 5), topk=4)
     with pytest.warns(UserWarning, match=r'25 landmarks \(5x5\).*12 patch tokens \(3x4\)'):
         attn(torch.randn(1, 13, 24), hw_shape=(3, 4))
@@ -644,3 +647,105 @@ def test_mita_converter_variants():
     assert kw['mode'] == 'routed' and kw['topk'] == 162 and kw['num_landmarks'] == (9, 9)
     with torch.no_grad():
         assert attn(x, hw_shape=(6, 6)).shape == (1, 37, 24)
+
+
+# --------------------------------------------------------------------------- a guest in the process
+def test_denormals_survive_every_module(tmp_path):
+    """Building and running (forward and backward, CPU) every attention and every model
+    family, the compiled MiTA kernel included, leaves the floating-point environment as
+    it was: a subnormal float32 stays subnormal. (Linking the kernel with -ffast-math
+    added crtfastmath.o, which switched the whole process to flush-to-zero.)"""
+    code = '\n'.join([
+        'import sys, torch',
+        'sys.path.insert(0, sys.argv[1])',
+        'tiny = lambda: (torch.tensor([1e-39]) * 1.0).item()',
+        'assert tiny() > 0',
+        'from model_cases import ATTENTIONS, FAMILIES, run_attention, run_model',
+        'for case in ATTENTIONS:',
+        '    x = case.input()',
+        '    run_attention(case.build(), x, case.hw, torch.randn(x.shape))',
+        'for case in FAMILIES:',
+        '    model = case.build().train()',
+        '    run_model(model, lambda img: model(img, mode="tensor"), case.images())',
+        'from mmcbsa.ops import mita_cpu',
+        'print(mita_cpu.loaded(), tiny())'])
+    env = dict(os.environ, MMCBSA_KERNEL_DIR=str(tmp_path / 'kernels'),
+               PYTHONWARNINGS='ignore')
+    res = subprocess.run([sys.executable, '-c', code, str(Path(__file__).parent)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    loaded, tiny = res.stdout.split()[-2:]
+    assert loaded == 'True'  # the compiled kernel was built, loaded and run
+    assert float(tiny) == pytest.approx(1e-39, rel=1e-6)
+
+
+@pytest.fixture
+def kernel_cache(tmp_path, monkeypatch):
+    """``mita_cpu._compile`` against a fresh cache under ``tmp_path`` (its own
+    ``$TMPDIR`` for the fallback); the module's loaded kernel is left alone."""
+    monkeypatch.setenv('MMCBSA_KERNEL_DIR', str(tmp_path / 'cache' / 'kernels'))
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))
+    (tmp_path / 'tmp').mkdir()
+    return tmp_path
+
+
+def test_kernel_cache_is_private_and_refuses_what_is_not(kernel_cache, monkeypatch):
+    root = kernel_cache / 'cache' / 'kernels'
+    mita_cpu._compile()
+    lib = next(root.glob('*.so'))
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700  # created private
+    assert stat.S_IMODE(lib.stat().st_mode) == 0o600
+    mita_cpu._compile()  # ours: reused
+    lib.chmod(0o666)  # a library others could have replaced
+    with pytest.raises(mita_cpu.UnsafeCache, match='cached kernel .* writable by other users'):
+        mita_cpu._compile()
+    lib.unlink()
+    lib.symlink_to(kernel_cache / 'elsewhere.so')
+    with pytest.raises(mita_cpu.UnsafeCache, match='a symbolic link'):
+        mita_cpu._compile()
+    lib.unlink()
+    root.chmod(0o777)  # a world-writable cache directory
+    with pytest.raises(mita_cpu.UnsafeCache, match='cache directory .* writable by other'):
+        mita_cpu._compile()
+    root.chmod(0o700)
+    monkeypatch.setattr(mita_cpu, '_uid', lambda: os.getuid() + 1)  # someone else's
+    with pytest.raises(mita_cpu.UnsafeCache, match=r'belongs to uid \d+, not to this user'):
+        mita_cpu._compile()
+
+
+def test_kernel_cache_fallback_directory(kernel_cache, monkeypatch):
+    """An unusable cache directory falls back to $TMPDIR/mmcbsa-kernels-<uid>, created
+    0700; a fallback directory that someone else made (a planted name) is refused."""
+    (kernel_cache / 'cache').write_text('a file, not a directory')  # makedirs fails
+    mita_cpu._compile()
+    fallback = kernel_cache / 'tmp' / f'mmcbsa-kernels-{os.getuid()}'
+    assert stat.S_IMODE(fallback.stat().st_mode) == 0o700 and list(fallback.glob('*.so'))
+    monkeypatch.setattr(mita_cpu, '_uid', lambda: os.getuid() + 1)
+    planted = kernel_cache / 'tmp' / f'mmcbsa-kernels-{os.getuid() + 1}'
+    planted.mkdir(mode=0o755)
+    with pytest.raises(mita_cpu.UnsafeCache, match='belongs to uid'):
+        mita_cpu._compile()
+
+
+def test_refused_cache_is_one_warning_and_the_pytorch_paths(tmp_path):
+    """End to end in a fresh process: a world-writable $MMCBSA_KERNEL_DIR -> one warning
+    naming it, no kernel, MiTA still computes (PyTorch paths)."""
+    root = tmp_path / 'kernels'
+    root.mkdir()
+    root.chmod(0o777)
+    code = ('import warnings, torch\n'
+            'from mmcbsa.ops import mita_cpu\n'
+            'from mmcbsa.models.attentions.mita import MiTA\n'
+            'with warnings.catch_warnings(record=True) as w:\n'
+            '    warnings.simplefilter("always")\n'
+            '    attn = MiTA(32, 2, num_landmarks=4, topk=5)\n'
+            'print(mita_cpu.available(), len(w), str(w[0].message))\n'
+            'print(attn(torch.randn(1, 17, 32), hw_shape=(4, 4)).shape)\n')
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         env=dict(os.environ, MMCBSA_KERNEL_DIR=str(root)), timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    first, second = res.stdout.strip().splitlines()[-2:]
+    assert first.startswith('False 1 MiTA: CPU kernel unavailable (refused the kernel cache '
+                            f'directory {root}: writable by other users (mode 0o777))')
+    assert second == 'torch.Size([1, 17, 32])'
+    assert not list(root.glob('*.so'))

@@ -19,13 +19,23 @@ with a shuffle reduction tree (``dk``), reading ``q, k, v`` and ``∂y`` in plac
 projection's ``(B, N, 3C)`` layout; top-k is a branch-free radix select on the float
 bits; the exponentials use glibc's vector ``exp``.
 
-Built at first use with the system C compiler (``$CC``, else ``cc``; ``-O3
--march=native -ffast-math -fopenmp``) into a cache directory (``$MMCBSA_KERNEL_DIR``,
-else ``$XDG_CACHE_HOME/mmcbsa/kernels`` or ``~/.cache/mmcbsa/kernels``; if that is not
-writable, ``$TMPDIR/mmcbsa-kernels-<uid>``), keyed by the source, the flags and the CPU,
-and loaded with ``ctypes`` (no PyTorch headers: about a second to compile). Without a compiler, when compilation fails, with a torch older than
-2.4 (no ``torch.library.custom_op``) or with ``MMCBSA_MITA_KERNEL=0``, :func:`available`
-is False (one warning says why) and MiTA runs its PyTorch paths, same results.
+Built at first use with the system C compiler (``$CC``, else ``cc``; compiled with ``-O3
+-march=native -ffast-math -fopenmp``, then linked WITHOUT ``-ffast-math``: linking with
+it adds the compiler's ``crtfastmath.o``, whose constructor switches the whole process to
+flush-to-zero / denormals-are-zero when the library loads) into a cache directory
+(``$MMCBSA_KERNEL_DIR``, else ``$XDG_CACHE_HOME/mmcbsa/kernels`` or
+``~/.cache/mmcbsa/kernels``; if that is not writable, ``$TMPDIR/mmcbsa-kernels-<uid>``),
+keyed by the source, the flags and the CPU, and loaded with ``ctypes`` (no PyTorch
+headers: about a second to compile).
+
+The cache is trusted only if it is ours: directories are created private (``0700``), and
+a cache directory or library that belongs to another user, is writable by group or
+others, or is a symbolic link is refused (one warning names it; the PyTorch paths run) —
+otherwise another local user could plant a library in a world-writable ``$TMPDIR`` that
+would then run as us. Without a compiler, when compilation fails, with a refused cache,
+with a torch older than 2.4 (no ``torch.library.custom_op``) or with
+``MMCBSA_MITA_KERNEL=0``, :func:`available` is False (one warning says why) and MiTA runs
+its PyTorch paths, same results.
 ``-ffast-math`` reorders sums: results equal the PyTorch paths to ~2e-6 (float32) and
 ~1e-15 (float64), tests/test_mita.py.
 
@@ -39,6 +49,7 @@ import os
 import os.path as osp
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from typing import List, Optional, Sequence, Tuple
@@ -46,14 +57,16 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from mmcbsa.models.attentions.base import warn_once
+from .once import warn_once
 
 __all__ = ['available', 'unavailable_reason', 'mita_forward', 'DTYPES']
 
 SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'mita_cpu.c')
 # 512-bit vectors where AVX-512 exists (x86 only; elsewhere the compiler's choice)
-FLAGS = ('-O3', '-march=native', '-ffast-math', '-fopenmp', '-shared', '-fPIC', '-std=c11') + (
+COMPILE_FLAGS = ('-O3', '-march=native', '-ffast-math', '-fopenmp', '-fPIC', '-std=c11') + (
     ('-mprefer-vector-width=512', ) if platform.machine() in ('x86_64', 'AMD64') else ())
+# no -ffast-math here: it would link crtfastmath.o (flush-to-zero for the whole process)
+LINK_FLAGS = ('-shared', '-fopenmp')
 DTYPES = {torch.float32: 'f32', torch.float64: 'f64'}
 
 _lib: Optional[ctypes.CDLL] = None
@@ -87,21 +100,48 @@ def _cpu_signature() -> str:
     return sig
 
 
+class UnsafeCache(RuntimeError):
+    """A cache directory or library that another user could have written."""
+
+
+def _uid() -> int:
+    return os.getuid() if hasattr(os, 'getuid') else -1
+
+
+def _check_ours(path: str, what: str) -> None:
+    """Raise :class:`UnsafeCache` unless ``path`` is ours, not a symbolic link and not
+    writable by group or others."""
+    st = os.lstat(path)
+    uid = _uid()
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeCache(f'refused {what} {path}: a symbolic link')
+    if uid >= 0 and st.st_uid != uid:
+        raise UnsafeCache(f'refused {what} {path}: it belongs to uid {st.st_uid}, not to '
+                          f'this user (uid {uid})')
+    if st.st_mode & 0o022:
+        raise UnsafeCache(f'refused {what} {path}: writable by other users (mode '
+                          f'{oct(st.st_mode & 0o777)})')
+
+
 def _build(cc: str, target: str) -> None:
-    """Compile the source into ``target`` (atomically: concurrent processes may both
-    compile, the last rename wins)."""
-    os.makedirs(osp.dirname(target), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix='.so', dir=osp.dirname(target))
+    """Compile, then link, the source into ``target`` (atomically: concurrent processes
+    may both build, the last rename wins; the library is created ``0600``)."""
+    folder = osp.dirname(target)
+    fd, tmp = tempfile.mkstemp(suffix='.so', dir=folder)
     os.close(fd)
+    obj = tmp[:-3] + '.o'
     try:
-        res = subprocess.run([cc, *FLAGS, '-o', tmp, SOURCE, '-lm'], capture_output=True,
-                             text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f'{cc} failed: {res.stderr.strip()[-800:]}')
+        for cmd in ([cc, *COMPILE_FLAGS, '-c', '-o', obj, SOURCE],
+                    [cc, *LINK_FLAGS, '-o', tmp, obj, '-lm']):
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f'{cc} failed: {res.stderr.strip()[-800:]}')
+        os.chmod(tmp, 0o600)
         os.replace(tmp, target)
     finally:
-        if osp.exists(tmp):
-            os.remove(tmp)
+        for leftover in (tmp, obj):
+            if osp.exists(leftover):
+                os.remove(leftover)
 
 
 def _compile() -> ctypes.CDLL:
@@ -110,19 +150,24 @@ def _compile() -> ctypes.CDLL:
         raise RuntimeError(f'no C compiler ({cc!r} not found; set CC)')
     with open(SOURCE, 'rb') as f:
         src = f.read()
-    key = hashlib.sha256(src + ' '.join((cc, ) + FLAGS).encode() +
+    key = hashlib.sha256(src + ' '.join((cc, ) + COMPILE_FLAGS + LINK_FLAGS).encode() +
                          _cpu_signature().encode()).hexdigest()[:16]
     name = f'mita_cpu_{key}.so'
-    # an unwritable cache directory falls back to the temporary directory
-    uid = getattr(os, 'getuid', lambda: 0)()
-    roots = (_cache_dir(), osp.join(tempfile.gettempdir(), f'mmcbsa-kernels-{uid}'))
+    # an unwritable cache directory falls back to the temporary directory; a directory or
+    # library that is not safely ours is refused (UnsafeCache, no fallback)
+    roots = (_cache_dir(), osp.join(tempfile.gettempdir(), f'mmcbsa-kernels-{_uid()}'))
     for i, root in enumerate(roots):
         target = osp.join(root, name)
-        if osp.exists(target):
-            break
         try:
+            os.makedirs(root, mode=0o700, exist_ok=True)
+            _check_ours(root, 'the kernel cache directory')
+            if osp.lexists(target):
+                _check_ours(target, 'the cached kernel')
+                break
             _build(cc, target)
             break
+        except UnsafeCache:
+            raise
         except OSError:  # not writable (permissions, read-only file system): next root
             if i == len(roots) - 1:
                 raise
@@ -148,7 +193,8 @@ def _load() -> Optional[ctypes.CDLL]:
                 _register()  # before any torch.compile trace reaches the operator
             except (OSError, RuntimeError) as err:
                 _lib = None
-                _reason = f'could not build {SOURCE}: {err}'
+                _reason = (str(err) if isinstance(err, UnsafeCache)
+                           else f'could not build {SOURCE}: {err}')
                 warn_once('mita-cpu-kernel', f'MiTA: CPU kernel unavailable ({_reason}); '
                           'using the PyTorch paths (same results, slower)')
     return _lib

@@ -7,12 +7,13 @@ Token layout used by every mmcbsa attention: ``x`` is ``(B, N, C)`` with
 ``hw_shape``.
 """
 import math
-import warnings
-from typing import Optional, Sequence, Set, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from mmcbsa.ops.once import warn_once  # noqa: F401  (re-exported: the models' import)
 
 GridLike = Union[int, Sequence[int]]
 
@@ -100,16 +101,6 @@ def is_compiling() -> bool:
     if compiler is not None and hasattr(compiler, 'is_compiling'):  # torch >= 2.3
         return compiler.is_compiling()
     return torch._dynamo.is_compiling()  # pragma: no cover
-
-
-_WARNED: Set[str] = set()
-
-
-def warn_once(key: str, message: str) -> None:
-    """``warnings.warn(message)`` the first time ``key`` is seen in this process."""
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, stacklevel=3)
 
 
 def check_hw_shape(x: Tensor, hw_shape: Optional[Sequence[int]], owner: str) -> Tuple[int, int]:
