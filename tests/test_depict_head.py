@@ -218,3 +218,17 @@ def test_convert_segmenter_rejects_stray_keys():
     with pytest.raises(KeyError, match='optimizer'):
         convert_depict_segmenter({'decoder.cls_emb': torch.zeros(1, 2, 4),
                                   'optimizer.x': torch.zeros(1)})
+
+
+@pytest.mark.parametrize('head', ['DEPICTHead', 'CBTHead'])
+@pytest.mark.parametrize('in_channels', [16, 32])  # = channels (no projection), or not
+def test_in_channels_that_do_not_match_the_backbone_name_both_widths(head, in_channels):
+    """The tiny ViT outputs 24 channels; a head told otherwise says so by name (instead
+    of torch's bare 'mat1 and mat2 shapes cannot be multiplied')."""
+    extra = dict(mode='sa') if head == 'DEPICTHead' else dict(num_reps=4)
+    model = tiny_vit_segmentor(dict(type=head, in_channels=in_channels, channels=16,
+                                    num_classes=4, num_layers=1, num_heads=2, head_dims=8,
+                                    **extra))
+    with pytest.raises(ValueError, match=rf'{head}: in_channels={in_channels} but the '
+                       r'selected feature map has 24 channels .*set in_channels=24'):
+        model(torch.randn(1, 3, 32, 32), mode='tensor')

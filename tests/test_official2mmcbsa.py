@@ -566,3 +566,18 @@ def test_malicious_pickle_is_not_executed(tmp_path, monkeypatch):
         path.write_bytes(_malicious_pickle())
         read_reference_checkpoint(str(path))
     assert calls == []
+
+
+def test_destination_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    """A DST whose folder cannot be created (below a file, or in a place that does not
+    exist and cannot be made) is a user's mistake: one line naming DST, exit status 2,
+    nothing converted."""
+    src = fixture_dir() / 'vit_cbsa_ista_classifier.pt'
+    blocker = tmp_path / 'a-file'
+    blocker.write_text('')
+    for dst, why in ((blocker / 'model.pth', 'a file, not a directory'),
+                     (pathlib.Path('/proc/no-such-dir/model.pth'), 'No such file or directory')):
+        rc, out, err = _run(capsys, src, dst)
+        assert rc == 2 and out == ''
+        assert err.strip() == (f'official2mmcbsa: error: cannot write DST {dst}: {why}: '
+                               f'{dst.parent}')

@@ -25,6 +25,8 @@ unknown file, impossible or contradictory sizes, options that do not apply) -- o
 on stderr, no traceback; 1 the conversion could not be verified (a bug: please report).
 """
 import argparse
+import os
+import os.path as osp
 import sys
 
 from mmcbsa.converters.checkpoint_io import ConversionError
@@ -77,6 +79,17 @@ def main(argv=None) -> int:
         head_dims=args.head_dims, num_heads=args.num_heads,
         encoder_num_heads=args.encoder_num_heads, num_reps=args.num_reps,
         rank_multi=args.rank_multi, pool_size=args.pool_size, kv_topk=args.kv_topk)
+    folder = osp.dirname(osp.abspath(args.dst))
+    try:  # where DST and its config go: a user's mistake, not a bug (exit status 2)
+        if osp.exists(folder) and not osp.isdir(folder):
+            raise NotADirectoryError(None, 'a file, not a directory', folder)
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f'not writable: {folder}')
+    except OSError as e:
+        print(f'{PROG}: error: cannot write DST {args.dst}: {e.strerror or e}'
+              f'{"" if e.strerror is None else f": {e.filename}"}', file=sys.stderr)
+        return 2
     try:
         report = convert_official_checkpoint(args.src, args.dst, options)
     except ConversionError as e:

@@ -62,7 +62,10 @@ _cached_positions = functools.lru_cache(maxsize=256)(linspace_positions)
 def sample_positions(num_tokens: int, num_samples: int, device=None) -> Tensor:
     """``num_samples`` evenly spaced token positions in ``[0, num_tokens)`` as an
     int64 tensor (docs/mechanisms.md §6.2): :func:`linspace_positions`, cached in
-    eager code and folded into constants under ``torch.compile``."""
+    eager code and folded into constants under ``torch.compile``. ``num_tokens`` may be
+    a traced size (``torch.jit.trace``, as mmengine's FLOP counter traces): the positions
+    are a constant of each traced size."""
+    num_tokens, num_samples = int(num_tokens), int(num_samples)
     positions = (linspace_positions(num_tokens, num_samples) if is_compiling()
                  else _cached_positions(num_tokens, num_samples))
     return torch.tensor(positions, dtype=torch.int64, device=device)

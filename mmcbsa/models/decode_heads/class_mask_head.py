@@ -176,7 +176,11 @@ class ClassMaskHead(BaseDecodeHead):
     def forward(self, inputs: Union[Tuple[Tensor], List[Tensor]]) -> Tensor:
         """Multi-level features -> masks ``(B, K, h, w)`` at the feature grid."""
         x = self._transform_inputs(inputs)  # (B, C_in, h, w)
-        b, _, h, w = x.shape
+        b, width, h, w = x.shape
+        if width != self.in_channels:
+            raise ValueError(f'{type(self).__name__}: in_channels={self.in_channels} but the '
+                             f'selected feature map has {width} channels (the backbone\'s '
+                             f'output width); set in_channels={width}')
         x = self.input_proj(x.flatten(2).transpose(1, 2))  # (B, hw, d)
         c = self.cls_emb.expand(b, -1, -1)  # (B, K, d)
         patches, c = self.decode(x, c, (h, w))
