@@ -69,3 +69,44 @@ def test_tool_draws_one_row_per_head(tmp_path):
     rows = list(csv.DictReader(open(out / 'attention_maps.csv')))
     assert {(r['map'], r['head']) for r in rows} == {
         (m, h) for m in ('cls', 'reps', 'clusters') for h in ('0', '1')}
+
+
+def test_csv_statistics_are_per_head(tmp_path, monkeypatch):
+    """attention_maps.csv has each head's own statistics: the entropies of the CLS rows
+    of mmseg's ViT (torch's nn.MultiheadAttention) against the per-head weights torch
+    itself returns (need_weights=True, average_attn_weights=False), one hand-computed
+    entropy per head. (The CSV once repeated head 0's row for every head.)"""
+    import importlib.util
+    import math
+    calls = []
+    original = torch.nn.MultiheadAttention.forward
+
+    def recording(self, query, key, value, **kwargs):
+        kwargs = dict(kwargs, need_weights=True, average_attn_weights=False)
+        out, weights = original(self, query, key, value, **kwargs)
+        calls.append(weights.detach())  # (B, H, N, N)
+        return out, weights
+
+    monkeypatch.setattr(torch.nn.MultiheadAttention, 'forward', recording)
+    image = (np.random.default_rng(1).random((64, 64, 3)) * 255).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / 'img.png'), image)
+    spec = importlib.util.spec_from_file_location(
+        'visualize_attention', REPO / 'tools/analysis_tools/visualize_attention.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cfg = REPO / 'configs/depict/segmenter-mask_vit-tiny-p8_1xb8-300it_mini-ade20k-128x128.py'
+    tool.main([str(cfg), '--image', str(tmp_path / 'img.png'), '--size', '64', '64',
+               '--layers', '0', '--out-dir', str(tmp_path / 'out')])
+    weights = calls[0][0]  # the first layer's call, image 0: (H, N, N), CLS first
+    heads = weights.shape[0]
+    expected = []
+    for h in range(heads):
+        row = weights[h, 0, 1:].double()  # CLS query over the patch tokens
+        p = row / row.sum()
+        expected.append(-sum(float(v) * math.log(float(v)) for v in p if v > 0))
+    rows = [r for r in csv.DictReader(open(tmp_path / 'out' / 'attention_maps.csv'))
+            if r['map'] == 'cls']
+    assert [int(r['head']) for r in rows] == list(range(heads)) and heads >= 2
+    got = [float(r['entropy']) for r in rows]
+    assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-4, (got, expected)
+    assert len({round(g, 4) for g in got}) == heads  # distinct heads, distinct numbers

@@ -136,7 +136,7 @@ def layer_tiles(rec: LayerRecord, heads: List[int], image: np.ndarray,
                 tiles.append(heat_overlay(image, up(grid.float())))
         rows.append(tiles)
         for kind, maps in rec.maps.items():
-            m = maps[0, min(h, maps.shape[0] - 1)]
+            m = maps[0, min(h, maps.shape[1] - 1)]  # (B, H_map, K, h, w): head h of image 0
             categorical = m.dtype in (torch.int64, torch.int32)
             csv_rows.append(dict(
                 map=kind, head=h, rows=m.shape[0], grid_h=m.shape[-2], grid_w=m.shape[-1],
