@@ -324,3 +324,76 @@ def test_tools_on_cuda(configs, tmp_path):
         configs['depict'], '--checkpoint', ckpt, '--out-dir', str(tmp_path), '--sigmas', '0',
         '0.1', '--seeds', '1', '--orthogonal', '--device', 'cuda'])
     assert rows[1]['value'] == rows[0]['value']
+
+
+# --------------------------------------------------------------------- weights that do not fit
+def _cbt_head_checkpoint(configs, path):
+    """A real checkpoint of the CBT-head segmentor (its initialisation)."""
+    torch.save({'state_dict': build_model(Config.fromfile(configs['cbt_head'])).state_dict(),
+                'meta': {}}, path)
+    return path
+
+
+TOOL_ARGS = {  # tool: extra arguments for a quick run on the DEPICT config
+    'coding_rate': ['--num-images', '1'],
+    'visualize_attention': ['--layers', '-1'],
+    'zero_shot_seg': ['--num-images', '1'],
+    'perturb_robustness': ['--num-images', '1', '--sigmas', '0.1'],
+}
+
+
+@pytest.mark.parametrize('tool', list(TOOL_ARGS))
+def test_checkpoints_that_do_not_fit_are_refused(tool, configs, tmp_path, capsys):
+    """An empty or foreign checkpoint is one line and exit status 2 (it was accepted: exit
+    0 and numbers from random weights labelled 'checkpoint'); --allow-partial loads what
+    fits, with a warning naming the rest."""
+    empty = tmp_path / 'bad.pth'
+    torch.save({'x': 1}, empty)
+    foreign = _cbt_head_checkpoint(configs, tmp_path / 'cbt_head.pth')
+    run = load_tool(tool).main
+    base = [configs['depict'], '--out-dir', str(tmp_path / 'out')] + TOOL_ARGS[tool]
+    with pytest.raises(SystemExit) as err:
+        run(base + ['--checkpoint', str(empty)])
+    assert err.value.code == 2
+    line = capsys.readouterr().err.strip()
+    assert line == (f'{tool}.py: error: checkpoint {empty} holds no model weights (a dict of '
+                    "tensors, or one under \"state_dict\"); it has ['x']")
+    with pytest.raises(SystemExit) as err:
+        run(base + ['--checkpoint', str(foreign)])
+    assert err.value.code == 2
+    line = capsys.readouterr().err.strip()
+    assert '\n' not in line and line.startswith(f'{tool}.py: error: checkpoint {foreign} '
+                                                'does not fit the model: ')
+    assert 'missing keys (decode_head.' in line and 'unexpected keys (decode_head.' in line
+    assert line.endswith('(--allow-partial loads only what fits)')
+    with pytest.warns(UserWarning, match='--allow-partial: loaded'):
+        run(base + ['--checkpoint', str(foreign), '--allow-partial'])
+
+
+def test_fit_problem_counts_by_hand():
+    from mmcbsa.utils.weights import fit_problem
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    sd = dict(model.state_dict())
+    assert fit_problem(model, sd) is None
+    sd['0.weight'] = torch.zeros(4, 2)
+    del sd['1.bias']
+    sd['2.weight'] = torch.zeros(1)
+    assert fit_problem(model, sd) == (
+        "4 tensors against the model's 4: 1 missing keys (1.bias); 1 unexpected keys "
+        '(2.weight); 1 shape mismatches, checkpoint vs model (0.weight (4, 2) vs (3, 2))')
+
+
+@pytest.mark.parametrize('tool', list(TOOL_ARGS))
+def test_out_dir_that_is_a_file_is_one_line(tool, configs, tmp_path, capsys):
+    taken = tmp_path / 'taken'
+    taken.write_text('')
+    with pytest.raises(SystemExit) as err:
+        load_tool(tool).main([configs['depict'], '--out-dir', str(taken)] + TOOL_ARGS[tool])
+    assert err.value.code == 2
+    assert capsys.readouterr().err.strip() == (f'{tool}.py: error: --out-dir {taken} is a '
+                                               'file, not a directory')
+    with pytest.raises(SystemExit):
+        load_tool(tool).main([configs['depict'], '--out-dir', str(taken / 'below')]
+                             + TOOL_ARGS[tool])
+    assert capsys.readouterr().err.startswith(f'{tool}.py: error: --out-dir {taken}/below '
+                                              'cannot be created: ')

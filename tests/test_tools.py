@@ -194,6 +194,36 @@ def test_user_mistakes_are_one_line(tool, args, message, tmp_path):
     assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
 
 
+def test_test_tool_refuses_checkpoints_that_do_not_fit(tiny, trained, tmp_path):
+    """tools/test.py: an empty checkpoint, or one whose tensors do not match the model's,
+    is one line and exit status 2 (mmengine would load it with strict=False and evaluate
+    partly random weights); --allow-partial evaluates anyway."""
+    cfg, _ = tiny
+    work, _ = trained
+    empty, partial = tmp_path / 'empty.pth', tmp_path / 'partial.pth'
+    torch.save({'x': 1}, empty)
+    ckpt = torch.load(work / 'iter_4.pth', map_location='cpu', weights_only=True)
+    dropped = sorted(k for k in ckpt['state_dict'] if k.startswith('decode_head.'))[0]
+    del ckpt['state_dict'][dropped]
+    torch.save(ckpt, partial)
+
+    def test_tool(path, *extra):
+        return subprocess.run([PY, str(REPO / 'tools/test.py'), str(cfg), str(path),
+                               '--work-dir', str(tmp_path / 'w'), *extra], cwd=REPO,
+                              env=_env(), timeout=TIMEOUT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+
+    for path, message in ((empty, 'holds no model weights'),
+                          (partial, f'tensors against the model\'s {len(ckpt["state_dict"]) + 1}'
+                                    f': 1 missing keys ({dropped})')):
+        proc = test_tool(path)
+        assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith('test.py: error: ')]
+        assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+    proc = test_tool(partial, '--allow-partial')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_stock_torch_load_needs_the_allow_list(trained):
     """Negative control: without ``import mmcbsa`` the mmengine checkpoint does not load
     with weights_only=True, so the resume tests above exercise the allow-list."""

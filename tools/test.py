@@ -20,8 +20,10 @@ import os.path as osp
 from mmengine.config import Config
 
 import mmcbsa  # noqa: F401  (registers modules and checkpoint safe globals)
-from mmcbsa.utils.tools_common import (add_runner_args, build_runner, export_local_rank,
-                                       load_config, missing_data, user_errors)
+from mmcbsa.utils.tools_common import (add_allow_partial_arg, add_runner_args, build_runner,
+                                       export_local_rank, load_config, missing_data,
+                                       user_errors)
+from mmcbsa.utils.weights import check_weights
 
 
 def parse_args(argv=None):
@@ -40,6 +42,7 @@ def parse_args(argv=None):
     parser.add_argument(
         '--wait-time', type=float, default=2, help='interval of --show (seconds)')
     parser.add_argument('--tta', action='store_true', help='test time augmentation')
+    add_allow_partial_arg(parser)  # a checkpoint that does not fit is refused otherwise
     add_runner_args(parser)  # --cfg-options, --launcher, --local-rank
     args = parser.parse_args(argv)
     export_local_rank(args)
@@ -121,6 +124,11 @@ def main(argv=None):
         cfg = build_cfg(args)
     with missing_data('test.py'):
         runner = build_runner(cfg)  # gloo + CPU DDP when CUDA is unavailable
+        with user_errors('test.py'):  # weights that do not fit: one line, exit status 2
+            model = runner.model
+            while hasattr(model, 'module'):  # DDP / test-time-augmentation wrappers
+                model = model.module
+            check_weights(model, args.checkpoint, args.allow_partial)
         if args.out is not None and cfg.get('default_scope') == 'mmpretrain':
             from mmengine.evaluator import DumpResults
             runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))

@@ -19,8 +19,10 @@ from mmengine.dataset import Compose, pseudo_collate
 from mmengine.logging import MMLogger
 from mmengine.model import is_model_wrapper
 from mmengine.registry import DATASETS, MODELS, init_default_scope
-from mmengine.runner import Runner, load_checkpoint
+from mmengine.runner import Runner
 from mmengine.runner.utils import set_random_seed
+
+from mmcbsa.utils.weights import load_weights
 
 __all__ = ['build_model', 'build_dataloader', 'forward_tensor', 'iter_batches',
            'resolve_device', 'unwrap', 'config_seed', 'single_image_batch']
@@ -58,19 +60,20 @@ def config_seed(cfg: Config) -> int:
 
 
 def build_model(cfg: Config, checkpoint: Optional[str] = None,
-                device: Optional[str] = 'cpu') -> nn.Module:
+                device: Optional[str] = 'cpu', allow_partial: bool = False) -> nn.Module:
     """``cfg.model`` built in the config's ``default_scope``, in eval mode on ``device``.
 
     Without ``checkpoint`` the weights are the config's initialisation
     (``init_weights()`` after seeding with :func:`config_seed`), so two calls give the
-    same untrained model; with it, mmengine's ``load_checkpoint`` (``torch.load`` with
-    torch's default ``weights_only=True``; importing mmcbsa allow-lists mmengine's
-    checkpoint metadata).
+    same untrained model; with it, :func:`mmcbsa.utils.weights.load_weights`: a
+    checkpoint that does not fit the model (missing, unexpected or mis-shaped tensors)
+    is refused with a ``ValueError`` unless ``allow_partial``.
 
     Args:
         cfg: an mmseg or mmpretrain config.
         checkpoint: path of a checkpoint, or ``None``.
         device: see :func:`resolve_device`.
+        allow_partial: load only the tensors that fit, with a warning.
     """
     init_default_scope(cfg.get('default_scope', 'mmseg'))
     set_random_seed(config_seed(cfg))
@@ -83,7 +86,7 @@ def build_model(cfg: Config, checkpoint: Optional[str] = None,
     finally:
         logger.setLevel(level)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint, map_location='cpu', logger='current')
+        load_weights(model, checkpoint, allow_partial)
     return model.to(resolve_device(device)).eval()
 
 

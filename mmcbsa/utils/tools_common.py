@@ -120,7 +120,9 @@ def add_analysis_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('config', help='mmseg or mmpretrain config')
     parser.add_argument('--checkpoint', default=None,
                         help='weights; without it, the config\'s initialisation (seeded), '
-                        'e.g. to compare trained against untrained')
+                        'e.g. to compare trained against untrained. A checkpoint that does '
+                        'not fit the model is refused (exit status 2)')
+    add_allow_partial_arg(parser)
     parser.add_argument('--out-dir', required=True, help='directory for the CSV and PNG files')
     parser.add_argument('--device', default='cpu',
                         help="'cpu' (default), 'cuda' / 'cuda:N', or 'auto' (CUDA if present)")
@@ -130,6 +132,14 @@ def add_analysis_args(parser: argparse.ArgumentParser) -> None:
         action=DictAction,
         help='override settings of the config, key=value pairs (e.g. '
         'test_dataloader.dataset.data_root=data/mini_ade20k)')
+
+
+def add_allow_partial_arg(parser: argparse.ArgumentParser) -> None:
+    """``--allow-partial``: load a checkpoint that does not fit the model (only the
+    tensors with the model's names and shapes; :mod:`mmcbsa.utils.weights`)."""
+    parser.add_argument('--allow-partial', action='store_true',
+                        help='load only the tensors of the checkpoint that fit the model '
+                        '(same name and shape), warn about the rest, instead of refusing')
 
 
 def add_map_args(parser: argparse.ArgumentParser) -> None:
@@ -150,10 +160,16 @@ def load_analysis_config(args: argparse.Namespace) -> Config:
         raise FileNotFoundError(f'config file not found: {args.config}')
     if getattr(args, 'checkpoint', None) and not osp.isfile(args.checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
+    if osp.exists(args.out_dir) and not osp.isdir(args.out_dir):
+        raise ValueError(f'--out-dir {args.out_dir} is a file, not a directory')
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
-    os.makedirs(args.out_dir, exist_ok=True)
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as exc:  # e.g. a file on the way, no permission
+        raise ValueError(f'--out-dir {args.out_dir} cannot be created: '
+                         f'{exc.strerror or exc}') from None
     return cfg
 
 

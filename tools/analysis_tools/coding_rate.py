@@ -105,7 +105,7 @@ def plot_training(series: Dict[str, List[tuple]], path: str, title: str) -> None
 
 
 def _measure(cfg, checkpoint: Optional[str], args, what: str) -> List[LayerCompression]:
-    model = build_model(cfg, checkpoint, args.device)
+    model = build_model(cfg, checkpoint, args.device, args.allow_partial)
     loader = build_dataloader(cfg, args.split, args.num_images)
     total = min(args.num_images, len(loader.dataset))
     print(f'[coding_rate] {what}: {total} images')

@@ -39,6 +39,7 @@ from mmcbsa.analysis.plots import new_figure
 from mmcbsa.analysis.runtime import config_seed, resolve_device, unwrap
 from mmcbsa.utils.tools_common import (add_analysis_args, build_runner, cli_main,
                                        load_analysis_config, write_csv)
+from mmcbsa.utils.weights import load_weights
 
 DEFAULT_SIGMAS = [float(f'{s:.4g}') for s in np.logspace(-3, 0, 7)]  # 1e-3 ... 1
 
@@ -129,7 +130,7 @@ def main(argv=None) -> List[dict]:
     device = resolve_device(args.device)
     cfg = load_analysis_config(args)
     cfg.work_dir = osp.join(args.out_dir, 'runner')
-    cfg.load_from = args.checkpoint
+    cfg.load_from = None  # loaded below, by the fit-checking loader
     cfg.resume = False
     cfg.launcher = 'none'
     if not args.verbose:
@@ -140,9 +141,10 @@ def main(argv=None) -> List[dict]:
         cfg.visualizer.name = f'perturb_robustness:{osp.abspath(args.out_dir)}'
 
     runner = build_runner(cfg)
-    runner.load_or_resume()  # the checkpoint, once (Runner.test() will not load it again)
     model = unwrap(runner.model)
-    if args.checkpoint is None:  # the config's initialisation, as the other tools
+    if args.checkpoint is not None:  # weights that do not fit are refused (exit status 2)
+        load_weights(model, args.checkpoint, args.allow_partial)
+    else:  # the config's initialisation, as the other tools
         set_random_seed(config_seed(cfg))
         model.init_weights()
     model.to(device)

@@ -162,7 +162,7 @@ def main(argv=None) -> Dict[str, object]:
         raise ValueError(f'--num-rows must be positive and --tile-size at least 16, got '
                          f'{args.num_rows} and {args.tile_size}')
     cfg = load_analysis_config(args)
-    model = build_model(cfg, args.checkpoint, args.device)
+    model = build_model(cfg, args.checkpoint, args.device, args.allow_partial)
     batch = single_image_batch(cfg, args.image, args.index, args.size, args.split)
     with AttentionCapture(model, projections=False, maps=True, ista=False,
                           query=args.query) as cap:

@@ -165,7 +165,7 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
                          'mmseg config whose test dataset provides them')
     else:
         data_cfg = cfg
-    model = build_model(cfg, args.checkpoint, args.device)
+    model = build_model(cfg, args.checkpoint, args.device, args.allow_partial)
     loader = build_dataloader(data_cfg, args.split, args.num_images)
     classes = loader.dataset.metainfo.get('classes') or ()
     bg = background_ids(args.background_classes, classes)
