@@ -397,3 +397,71 @@ def test_out_dir_that_is_a_file_is_one_line(tool, configs, tmp_path, capsys):
                              + TOOL_ARGS[tool])
     assert capsys.readouterr().err.startswith(f'{tool}.py: error: --out-dir {taken}/below '
                                               'cannot be created: ')
+
+
+# --------------------------------------------------------------------- the compression curve
+def test_train_tool_coding_rate_hook_switch(configs, tmp_path):
+    """``tools/train.py --coding-rate-hook 1``: the hook from the command line (the
+    ``--cfg-options custom_hooks=[dict(...)]`` form cannot be parsed: one usage error);
+    its scalars reach the training log that ``coding_rate.py --training-log`` reads."""
+    import subprocess
+    import sys
+    env = dict(__import__('os').environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+    base = [sys.executable, str(REPO / 'tools' / 'train.py'), configs['depict'],
+            '--work-dir', str(tmp_path / 'work')]
+    short = ['--cfg-options', 'train_cfg.max_iters=2', 'train_cfg.val_interval=100',
+             'default_hooks.logger.interval=1', 'train_dataloader.batch_size=1',
+             'param_scheduler=[]']
+    bad = subprocess.run(base + ['--cfg-options',
+                                 "custom_hooks=[dict(type='CodingRateHook',interval=1)]"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and 'Traceback' not in bad.stderr
+    assert ('train.py: error: --cfg-options: values of --cfg-options are numbers, strings, '
+            'lists or tuples; a dict') in bad.stderr
+    zero = subprocess.run(base + ['--coding-rate-hook', '0'], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert zero.returncode == 2 and zero.stderr.strip().splitlines()[-1] == (
+        'train.py: error: CodingRateHook: interval must be a positive integer, got 0')
+    ok = subprocess.run(base + ['--coding-rate-hook', '1', '--coding-rate-images', '1']
+                        + short, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    series = load_tool('coding_rate').read_training_log(str(tmp_path / 'work'))
+    assert sorted(s for s, _ in series['coding_rate/decode_head.0']) == [0, 1, 2]
+
+
+def test_coding_rate_checks_training_log_before_measuring(configs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        load_tool('coding_rate').main([configs['depict'], '--out-dir', str(tmp_path),
+                                       '--training-log', str(tmp_path / 'nothing')])
+    assert err.value.code == 2
+    out, errors = capsys.readouterr()
+    assert '[coding_rate]' not in out  # nothing was measured first
+    assert errors.strip() == (f'coding_rate.py: error: --training-log: {tmp_path}/nothing '
+                              'not found')
+
+
+def test_learned_change_is_the_per_image_difference(configs, tmp_path):
+    """``--compare-init``: the CSV's learned_mean / learned_std of a layer are the mean and
+    standard deviation over the images of (trained − init), computed here by hand."""
+    cfg = Config.fromfile(configs['depict'])
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.decode_head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ckpt = tmp_path / 'ckpt.pth'
+    torch.save({'state_dict': model.state_dict()}, ckpt)
+    res = load_tool('coding_rate').main([configs['depict'], '--checkpoint', str(ckpt),
+                                         '--compare-init', '--num-images', '2',
+                                         '--out-dir', str(tmp_path)])
+    rows = {r['layer']: r for r in read_csv(tmp_path / 'coding_rate.csv')
+            if r['weights'] == 'checkpoint'}
+    for trained, init in zip(res['checkpoint'], res['init']):
+        diffs = [a - b for a, b in zip(trained.coding_rate, init.coding_rate)]
+        mean = sum(diffs) / len(diffs)
+        std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / len(diffs))
+        row = rows[trained.label]
+        assert float(row['learned_mean']) == pytest.approx(mean, abs=1e-5)
+        assert float(row['learned_std']) == pytest.approx(std, abs=1e-5)
+    # the encoder was not changed: nothing learned there
+    assert all(float(rows[f'backbone.{i}']['learned_mean']) == 0 for i in range(4))

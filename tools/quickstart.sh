@@ -4,7 +4,9 @@
 #   2. generate the synthetic mini ADE20K into data/mini_ade20k,
 #   3. train DEPICT-SA on a tiny ViT encoder (CPU is fine),
 #   4. evaluate it (mmseg IoUMetric) and save predicted masks + visualisations,
-#   5. print the mIoU and where the checkpoint, the log and a predicted mask are.
+#   5. draw the compression curves: the coding rate CodingRateHook logged while training,
+#      and trained against untrained per layer (tools/analysis_tools/coding_rate.py),
+#   6. print the mIoU and where the checkpoint, the logs, a predicted mask and the curves are.
 # Environment overrides: CONFIG, WORK_DIR, DATA_ROOT, EXTRA_ARGS (passed to train.py).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,12 +39,12 @@ run_logged() {
   fi
 }
 
-step "1/4 environment"
+step "1/5 environment"
 t0=$SECONDS
 bash tools/setup_env.sh
 echo "[quickstart] set-up: $((SECONDS - t0)) s"
 
-step "2/4 mini ADE20K -> $DATA_ROOT"
+step "2/5 mini ADE20K -> $DATA_ROOT"
 if [ -f "$DATA_ROOT/.complete" ]; then
   echo "[quickstart] already generated ($DATA_ROOT/.complete exists)"
 else
@@ -51,7 +53,7 @@ else
   touch "$DATA_ROOT/.complete"
 fi
 
-step "3/4 train ($CONFIG)"
+step "3/5 train ($CONFIG)"
 rm -rf "$WORK_DIR"
 mkdir -p "$WORK_DIR"
 t0=$SECONDS
@@ -64,7 +66,7 @@ TRAIN_S=$((SECONDS - t0))
 CKPT="$(cat "$WORK_DIR/last_checkpoint")"
 TRAIN_LOG="$(ls -t "$WORK_DIR"/*/*.log | head -n1)"
 
-step "4/4 test ($CKPT)"
+step "4/5 test ($CKPT)"
 t0=$SECONDS
 mkdir -p "$WORK_DIR/test"
 run_logged "$WORK_DIR/test/test_output.txt" "$PY" tools/test.py "$CONFIG" "$CKPT" --work-dir "$WORK_DIR/test" \
@@ -72,6 +74,17 @@ run_logged "$WORK_DIR/test/test_output.txt" "$PY" tools/test.py "$CONFIG" "$CKPT
   --cfg-options "test_dataloader.dataset.data_root=$DATA_ROOT"
 TEST_S=$((SECONDS - t0))
 TEST_LOG="$(ls -t "$WORK_DIR"/test/*/*.log | head -n1)"
+
+step "5/5 compression curves"
+t0=$SECONDS
+ANALYSIS="$WORK_DIR/analysis"
+run_logged "$ANALYSIS.txt" "$PY" tools/analysis_tools/coding_rate.py "$CONFIG" --checkpoint "$CKPT" \
+  --compare-init --training-log "$WORK_DIR" --num-images 8 --out-dir "$ANALYSIS" \
+  --cfg-options "test_dataloader.dataset.data_root=$DATA_ROOT"
+CURVE_S=$((SECONDS - t0))
+# what CodingRateHook cost during training: the seconds it printed per measurement
+HOOK="$({ grep -o 'CodingRateHook: after .*(\([0-9.]*\) s)' "$TRAIN_LOG" || true; } \
+  | sed 's/.*(\([0-9.]*\) s)$/\1/' | awk '{n++; s+=$1} END {printf "%d measurements, %.1f s", n, s}')"
 
 MIOU="$(grep -o 'mIoU: [0-9.]*' "$TEST_LOG" | tail -n1 | cut -d' ' -f2)"
 AACC="$(grep -o 'aAcc: [0-9.]*' "$TEST_LOG" | tail -n1 | cut -d' ' -f2)"
@@ -81,10 +94,13 @@ cat <<REPORT
 
 ==== [quickstart] result ====
 mIoU (mini ADE20K val, mmseg IoUMetric): $MIOU   (aAcc: $AACC)
-training time: ${TRAIN_S} s, test time: ${TEST_S} s
+training time: ${TRAIN_S} s (CodingRateHook: $HOOK of it), test time: ${TEST_S} s, curves: ${CURVE_S} s
 checkpoint:      $CKPT
 training log:    $TRAIN_LOG
 test log:        $TEST_LOG
 predicted mask:  $MASK   (ADE label ids 1..150, one channel)
 visualisation:   $VIS   (image+ground truth | image+prediction)
+coding rate during training (CodingRateHook): $ANALYSIS/coding_rate_training.png (.csv)
+coding rate, trained vs untrained, per layer: $ANALYSIS/coding_rate.png (.csv; learned_* = trained - init)
+$(tail -n1 "$ANALYSIS.txt")
 REPORT

@@ -13,6 +13,7 @@ Examples::
     python tools/train.py <config> --resume work_dirs/run/iter_200.pth
     python tools/train.py <config> --amp    # GPU: fp16 + dynamic loss scale; CPU: bf16
     python tools/train.py <config> --cfg-options compile=True   # torch.compile(train_step)
+    python tools/train.py <config> --coding-rate-hook 50   # log per-layer coding rate
     bash tools/dist_train.sh <config> 2                # torchrun, 2 processes
 """
 import argparse
@@ -41,6 +42,14 @@ def parse_args(argv=None):
         '--amp', action='store_true', default=False,
         help='automatic mixed precision: float16 autocast with dynamic loss scaling '
         '(AmpOptimWrapper) on a GPU, bfloat16 autocast (BF16AmpOptimWrapper) on a CPU')
+    parser.add_argument(
+        '--coding-rate-hook', nargs='?', type=int, const=50, default=None,
+        metavar='INTERVAL',
+        help='attach mmcbsa\'s CodingRateHook: log each attention layer\'s coding rate '
+        '(and ISTA sparsity) on the first validation images every INTERVAL iterations '
+        '(default 50) and before training; replaces one already in the config')
+    parser.add_argument('--coding-rate-images', type=int, default=4, metavar='N',
+                        help='images CodingRateHook measures (default 4)')
     add_runner_args(parser)  # --cfg-options, --launcher, --local-rank
     args = parser.parse_args(argv)
     export_local_rank(args)
@@ -57,6 +66,14 @@ def build_cfg(args) -> Tuple[Config, Optional[str]]:
 
     # --amp, and `-amp-` configs on machines without CUDA (mmcbsa.engine.amp)
     amp_note = configure_amp(cfg, args.amp)
+
+    if args.coding_rate_hook is not None:  # checked here: a bad value is one line
+        from mmcbsa.analysis import CodingRateHook
+        CodingRateHook(args.coding_rate_hook, args.coding_rate_images)
+        hooks = [h for h in cfg.get('custom_hooks', None) or []
+                 if h.get('type') != 'CodingRateHook']
+        cfg.custom_hooks = hooks + [dict(type='CodingRateHook', interval=args.coding_rate_hook,
+                                         num_images=args.coding_rate_images)]
 
     if args.resume == 'auto':
         cfg.resume = True

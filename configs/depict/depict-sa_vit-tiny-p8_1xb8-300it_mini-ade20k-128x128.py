@@ -22,3 +22,9 @@ model = dict(
         dropout_ratio=0.0,
         align_corners=False,
         loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)))
+
+# The compression curve as a by-product of training (docs/analysis.md): every 50
+# iterations and before the first, the coding rate of each attention layer's input on the
+# first 4 validation images goes into the log (vis_data/scalars.json);
+# tools/analysis_tools/coding_rate.py --training-log WORK_DIR draws it.
+custom_hooks = [dict(type='CodingRateHook', interval=50, num_images=4)]

@@ -1,4 +1,5 @@
 """Watch compression during training: :class:`CodingRateHook` (docs/mechanisms.md §9)."""
+import time
 from typing import List, Optional
 
 import torch
@@ -27,11 +28,13 @@ class CodingRateHook(Hook):
     W&B): a logged value is the latest measurement, so choose ``interval`` as a multiple
     of the logger's interval. The measurement before training (the initialisation) is
     written to the visualizer backends directly, at step 0. The hook also prints one line
-    per measurement.
+    per measurement, with the seconds it took (its whole cost).
 
     Enable it from a config::
 
         custom_hooks = [dict(type='CodingRateHook', interval=50, num_images=4)]
+
+    or from the command line: ``tools/train.py CONFIG --coding-rate-hook 50``.
 
     Args:
         interval: measure every ``interval`` training iterations.
@@ -64,6 +67,7 @@ class CodingRateHook(Hook):
     def measure(self, runner, step: int) -> dict:
         """Measure now and log (``step``: training iterations done); returns the scalars
         (without the ``train/`` prefix)."""
+        start = time.perf_counter()
         model = unwrap(runner.model)
         was_training = model.training
         model.eval()
@@ -84,7 +88,8 @@ class CodingRateHook(Hook):
             + (f' (sparsity {layer.sparsity_mean_std[0]:.3f})' if layer.sparsity else '')
             for layer in layers)
         runner.logger.info(f'CodingRateHook: after {step} iterations, coding rate on '
-                           f'{self.num_images} {self.split} images: {summary}')
+                           f'{self.num_images} {self.split} images: {summary} '
+                           f'({time.perf_counter() - start:.2f} s)')
         return scalars
 
     def before_train(self, runner) -> None:

@@ -25,6 +25,14 @@ def new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height))
 
 
+def set_title(fig: Figure, title: str, fontsize: float = 9) -> None:
+    """``fig.suptitle`` wrapped to the figure's width (a long title is never clipped at
+    the edges): about ``13 × width-in-inches × 9 / fontsize`` characters per line."""
+    import textwrap
+    width = max(20, int(13 * fig.get_figwidth() * 9 / fontsize))
+    fig.suptitle('\n'.join(textwrap.wrap(title, width)), fontsize=fontsize)
+
+
 def to_rgb_image(inputs: Tensor, bgr: bool = True) -> np.ndarray:
     """A pipeline's packed ``(3, H, W)`` image tensor (``uint8``, BGR as mmcv loads it)
     -> ``(H, W, 3)`` RGB ``uint8``.

@@ -22,12 +22,34 @@ from .dist import CPUDistributedRunner, setup_cpu_distributed
 T = TypeVar('T')
 
 
+class CfgOptionsAction(DictAction):
+    """mmengine's ``DictAction`` (``key=value`` pairs; values: numbers, strings, lists,
+    tuples) that turns what it cannot parse into one usage error instead of a traceback.
+    Dicts cannot be written on the command line (``dict(...)`` sends mmengine's parser into
+    endless recursion; ``{...}`` becomes a string): the error says so and points to
+    ``tools/train.py --coding-rate-hook`` for the one hook users add this way."""
+
+    HINT = ('values of --cfg-options are numbers, strings, lists or tuples; a dict (e.g. '
+            "a hook's config) cannot be written on the command line: put it in a config "
+            'file that inherits yours (_base_), or, for CodingRateHook, use '
+            'tools/train.py --coding-rate-hook [INTERVAL]')
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if any('dict(' in v or '{' in v for v in values):
+            parser.error(f'{option_string}: {self.HINT}')
+        try:
+            super().__call__(parser, namespace, values, option_string)
+        except (RecursionError, ValueError, SyntaxError, TypeError) as exc:
+            parser.error(f'{option_string}: cannot parse {" ".join(values)!r} '
+                         f'({type(exc).__name__}); {self.HINT}')
+
+
 def add_runner_args(parser: argparse.ArgumentParser) -> None:
     """Add ``--cfg-options``, ``--launcher`` and ``--local-rank``/``--local_rank``."""
     parser.add_argument(
         '--cfg-options',
         nargs='+',
-        action=DictAction,
+        action=CfgOptionsAction,
         help='override settings of the config, key=value pairs (e.g. '
         'model.decode_head.num_layers=3 "default_hooks.logger.interval=10")')
     parser.add_argument(
@@ -129,7 +151,7 @@ def add_analysis_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         '--cfg-options',
         nargs='+',
-        action=DictAction,
+        action=CfgOptionsAction,
         help='override settings of the config, key=value pairs (e.g. '
         'test_dataloader.dataset.data_root=data/mini_ade20k)')
 

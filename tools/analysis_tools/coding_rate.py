@@ -31,7 +31,7 @@ from mmengine.utils import ProgressBar
 
 import mmcbsa  # noqa: F401  (registers modules and checkpoint safe globals)
 from mmcbsa.analysis import LayerCompression, measure_compression
-from mmcbsa.analysis.plots import new_figure
+from mmcbsa.analysis.plots import new_figure, set_title
 from mmcbsa.analysis.runtime import build_dataloader, build_model, iter_batches
 from mmcbsa.utils.tools_common import (add_analysis_args, cli_main, load_analysis_config,
                                        write_csv)
@@ -45,10 +45,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--split', choices=['test', 'val'], default='test',
                         help='which dataloader of the config (default: test)')
     parser.add_argument('--eps', type=float, default=0.01,
-                        help='ε of the coding rate (default 0.01, as the reference)')
+                        help='the coding rate\'s ε, R = ½ logdet(I + p/(N·ε) Z Zᵀ); it is '
+                        'CRATE\'s ε² (the CBSA reference code calls it eps and uses '
+                        '0.01, the default: CRATE\'s ε = 0.1)')
     parser.add_argument('--compare-init', action='store_true',
                         help='also measure the config\'s initialisation (untrained weights) '
-                        'and draw both')
+                        'on the same images and report what training changed per layer '
+                        '(trained − init, mean ± std over the images)')
     parser.add_argument('--training-log', default=None,
                         help='a work directory (or its vis_data/scalars.json) of a training '
                         'run with CodingRateHook: also draw the logged values')
@@ -84,7 +87,7 @@ def plot_training(series: Dict[str, List[tuple]], path: str, title: str) -> None
     panel per part of the model."""
     groups = list(dict.fromkeys(k.split('/')[1].split('.')[0] for k in series))
     kinds = [k for k in ('coding_rate', 'sparsity') if any(s.startswith(k) for s in series)]
-    fig = new_figure(3.4 * len(groups), 2.6 * len(kinds) + 0.4)
+    fig = new_figure(3.6 * len(groups), 3.2 * len(kinds) + 0.6)
     axes = fig.subplots(len(kinds), len(groups), squeeze=False)
     for i, kind in enumerate(kinds):
         for j, group in enumerate(groups):
@@ -95,11 +98,14 @@ def plot_training(series: Dict[str, List[tuple]], path: str, title: str) -> None
                     ax.plot(steps, values, marker='.', label=key.split('/')[1])
             ax.set_title(group, fontsize=9)
             ax.set_xlabel('iteration', fontsize=8)
-            ax.set_ylabel('coding rate' if kind == 'coding_rate' else 'ISTA sparsity',
-                          fontsize=8)
+            ax.set_ylabel('coding rate  Σ_h R(Z_h)' if kind == 'coding_rate'
+                          else 'ISTA sparsity', fontsize=8)
             ax.grid(linestyle='--', alpha=0.5)
-            ax.legend(fontsize=6)
-    fig.suptitle(title, fontsize=9)
+            # below the axes: the curves start together at the initialisation, where a
+            # legend inside would cover them
+            ax.legend(fontsize=6, loc='upper center', bbox_to_anchor=(0.5, -0.28),
+                      ncol=2, frameon=False)
+    set_title(fig, title)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
 
@@ -125,48 +131,81 @@ def _measure(cfg, checkpoint: Optional[str], args, what: str) -> List[LayerCompr
     return layers
 
 
-def _rows(layers: List[LayerCompression], weights: str) -> List[Dict[str, object]]:
+def learned(trained: List[LayerCompression],
+            init: List[LayerCompression]) -> Dict[str, tuple]:
+    """``{layer: (mean, std)}`` over the images of the per-image difference of coding
+    rates, trained − init (the same images in the same order): the part of a layer's
+    coding rate that training changed. (An untrained white-box decoder already lowers the
+    coding rate from layer to layer; only this difference is learned compression.)"""
+    out = {}
+    for t, i in zip(trained, init):
+        diff = np.asarray(t.coding_rate, np.float64) - np.asarray(i.coding_rate, np.float64)
+        out[t.label] = (float(diff.mean()), float(diff.std()))
+    return out
+
+
+def _rows(layers: List[LayerCompression], weights: str,
+          change: Optional[Dict[str, tuple]] = None) -> List[Dict[str, object]]:
     rows = []
     for layer in layers:
         cr, cr_std = layer.coding_rate_mean_std
         sp, sp_std = layer.sparsity_mean_std
+        d = (change or {}).get(layer.label)
         rows.append(dict(weights=weights, layer=layer.label, module=layer.name,
                          type=layer.type, heads=layer.num_heads, tokens=layer.num_tokens,
                          images=len(layer.coding_rate), coding_rate_mean=f'{cr:.6f}',
                          coding_rate_std=f'{cr_std:.6f}',
+                         learned_mean='' if d is None else f'{d[0]:.6f}',
+                         learned_std='' if d is None else f'{d[1]:.6f}',
                          sparsity_mean='' if not layer.sparsity else f'{sp:.6f}',
                          sparsity_std='' if not layer.sparsity else f'{sp_std:.6f}',
                          ista_module=layer.ista_name or ''))
     return rows
 
 
-def plot(results: Dict[str, List[LayerCompression]], path: str, title: str) -> None:
+def plot(results: Dict[str, List[LayerCompression]], path: str, title: str,
+         change: Optional[Dict[str, tuple]] = None) -> None:
     """One column per part of the model (backbone, decode_head, ...): coding rate per
-    layer (mean ± std), and below it the ISTA sparsity where there is one."""
+    layer (mean ± std), below it what training changed (trained − init) when both were
+    measured, and the ISTA sparsity where there is one."""
     first = next(iter(results.values()))
     groups = list(dict.fromkeys(layer.label.split('.')[0] for layer in first))
     has_sparsity = any(layer.sparsity for layers in results.values() for layer in layers)
-    rows = 2 if has_sparsity else 1
+    rows = 1 + bool(change) + has_sparsity
+    sparsity_row = rows - 1
     fig = new_figure(3.4 * len(groups), 2.6 * rows + 0.4)
     axes = fig.subplots(rows, len(groups), squeeze=False)
     styles = {'checkpoint': dict(marker='o', linestyle='-'),
               'init': dict(marker='s', linestyle='--', alpha=0.7)}
+    names = {'checkpoint': 'trained (checkpoint)', 'init': 'untrained (initialisation)'}
     for j, group in enumerate(groups):
         for weights, layers in results.items():
             sel = [layer for layer in layers if layer.label.split('.')[0] == group]
             x = np.arange(1, len(sel) + 1)
             mean = [layer.coding_rate_mean_std[0] for layer in sel]
             std = [layer.coding_rate_mean_std[1] for layer in sel]
-            axes[0][j].errorbar(x, mean, yerr=std, capsize=3, label=weights,
+            axes[0][j].errorbar(x, mean, yerr=std, capsize=3, label=names[weights],
                                 **styles.get(weights, {}))
             axes[0][j].set_xticks(x)
             if has_sparsity:
                 ss = [(i + 1, layer.sparsity_mean_std) for i, layer in enumerate(sel)
                       if layer.sparsity]
                 if ss:
-                    axes[1][j].errorbar([s[0] for s in ss], [s[1][0] for s in ss],
-                                        yerr=[s[1][1] for s in ss], capsize=3,
-                                        label=weights, **styles.get(weights, {}))
+                    axes[sparsity_row][j].errorbar(
+                        [s[0] for s in ss], [s[1][0] for s in ss], yerr=[s[1][1] for s in ss],
+                        capsize=3, label=names[weights], **styles.get(weights, {}))
+        if change:
+            sel = [layer.label for layer in first if layer.label.split('.')[0] == group]
+            x = np.arange(1, len(sel) + 1)
+            ax = axes[1][j]
+            ax.errorbar(x, [change[k][0] for k in sel], yerr=[change[k][1] for k in sel],
+                        capsize=3, marker='o', color='tab:red', label='trained − init')
+            ax.axhline(0, color='gray', linewidth=0.8)
+            ax.set_xticks(x)
+            ax.set_ylabel('learned change of Σ_h R', fontsize=8)
+            ax.set_xlabel('layer', fontsize=8)
+            ax.grid(linestyle='--', alpha=0.5)
+            ax.legend(fontsize=7, loc='best')
         types = sorted({layer.type for layer in first if layer.label.split('.')[0] == group})
         axes[0][j].set_title(f'{group} ({", ".join(types)})', fontsize=9)
         axes[0][j].set_ylabel('coding rate  Σ_h R(Z_h)', fontsize=8)
@@ -174,10 +213,10 @@ def plot(results: Dict[str, List[LayerCompression]], path: str, title: str) -> N
         axes[0][j].grid(linestyle='--', alpha=0.5)
         axes[0][j].legend(fontsize=7)
         if has_sparsity:
-            axes[1][j].set_ylabel('ISTA sparsity (fraction of zeros)', fontsize=8)
-            axes[1][j].set_xlabel('layer', fontsize=8)
-            axes[1][j].grid(linestyle='--', alpha=0.5)
-    fig.suptitle(title, fontsize=9)
+            axes[sparsity_row][j].set_ylabel('ISTA sparsity (fraction of zeros)', fontsize=8)
+            axes[sparsity_row][j].set_xlabel('layer', fontsize=8)
+            axes[sparsity_row][j].grid(linestyle='--', alpha=0.5)
+    set_title(fig, title + ' (mean ± std over the images)')
     fig.tight_layout()
     fig.savefig(path, dpi=80)
 
@@ -187,17 +226,21 @@ def main(argv=None) -> Dict[str, List[LayerCompression]]:
     args = parse_args(argv)
     if args.num_images <= 0:
         raise ValueError(f'--num-images must be positive, got {args.num_images}')
+    series = read_training_log(args.training_log) if args.training_log else None  # first
     cfg = load_analysis_config(args)
     results = {}
     weights = 'checkpoint' if args.checkpoint else 'init'
     results[weights] = _measure(cfg, args.checkpoint, args, weights)
     if args.compare_init and args.checkpoint:
         results['init'] = _measure(cfg, None, args, 'init')
-    rows = [row for w, layers in results.items() for row in _rows(layers, w)]
+    change = learned(results['checkpoint'], results['init']) if len(results) == 2 else None
+    rows = [row for w, layers in results.items()
+            for row in _rows(layers, w, change if w == 'checkpoint' else None)]
     csv_path = osp.join(args.out_dir, 'coding_rate.csv')
     png_path = osp.join(args.out_dir, 'coding_rate.png')
     write_csv(csv_path, rows)
-    plot(results, png_path, f'{osp.basename(args.config)} ({rows[0]["images"]} images)')
+    plot(results, png_path, f'{osp.basename(args.config)}: coding rate of each attention '
+         f'layer\'s input projection, ε = {args.eps:g} ({rows[0]["images"]} images)', change)
     parts = []
     for w, layers in results.items():
         groups = dict.fromkeys(layer.label.split('.')[0] for layer in layers)
@@ -210,14 +253,17 @@ def main(argv=None) -> Dict[str, List[LayerCompression]]:
         if sp:
             desc.append(f'ISTA sparsity {sp[0]:.3f} -> {sp[-1]:.3f}')
         parts.append(f'{w}: ' + ', '.join(desc))
+    if change:
+        parts.append('learned (trained − init, mean ± std over images): ' + ', '.join(
+            f'{k} {m:+.1f} ± {s:.1f}' for k, (m, s) in change.items()))
     written = f'{csv_path} and {png_path}'
-    if args.training_log:
-        series = read_training_log(args.training_log)
+    if series is not None:
         write_csv(osp.join(args.out_dir, 'coding_rate_training.csv'),
                   [dict(scalar=k, step=s, value=f'{v:.6f}')
                    for k, points in series.items() for s, v in sorted(points)])
         plot_training(series, osp.join(args.out_dir, 'coding_rate_training.png'),
-                      f'CodingRateHook during training ({args.training_log})')
+                      f'coding rate logged by CodingRateHook during training '
+                      f'({args.training_log}; mean over the hook\'s images)')
         written += ', coding_rate_training.csv/.png'
     print(f'coding rate, first -> last layer ({rows[0]["images"]} images): '
           + '; '.join(parts) + f'; wrote {written}')

@@ -35,7 +35,7 @@ from mmengine.utils import ProgressBar
 import mmcbsa  # noqa: F401  (registers modules and checkpoint safe globals)
 from mmcbsa.analysis.perturb import (ORTHOGONAL_MODES, SCOPES, orthogonal_transform_,
                                      perturb_parameters_, scope_parameters, tied_mssa_layers)
-from mmcbsa.analysis.plots import new_figure
+from mmcbsa.analysis.plots import new_figure, set_title
 from mmcbsa.analysis.runtime import config_seed, resolve_device, unwrap
 from mmcbsa.utils.tools_common import (add_analysis_args, build_runner, cli_main,
                                        load_analysis_config, write_csv)
@@ -113,7 +113,9 @@ def plot(rows: List[dict], path: str, key: str, title: str) -> None:
         axes[1].set_xticks(range(len(names)))
         axes[1].set_xticklabels(['clean'] + [f'Q {m}' for m in names[1:]], fontsize=8)
         axes[1].set_title('orthogonal U transforms', fontsize=8)
-    fig.suptitle(title, fontsize=9)
+        axes[1].set_ylabel(key, fontsize=8)
+        axes[1].grid(axis='y', linestyle='--', alpha=0.5)
+    set_title(fig, title)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
 
