@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
@@ -465,3 +466,83 @@ def test_learned_change_is_the_per_image_difference(configs, tmp_path):
         assert float(row['learned_std']) == pytest.approx(std, abs=1e-5)
     # the encoder was not changed: nothing learned there
     assert all(float(rows[f'backbone.{i}']['learned_mean']) == 0 for i in range(4))
+
+
+# --------------------------------------------------------------------- figures say what they show
+def test_tile_grid_text_is_wrapped_not_clipped(tmp_path):
+    """A title and column titles longer than their band are wrapped: no line is wider
+    than the band, and no text touches the picture's left or right edge (it used to be
+    drawn from x = 1 and cut off at the right)."""
+    from mmcbsa.analysis.plots import save_tile_grid, wrap_text
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    for line in wrap_text('a rather long title that cannot fit into sixty-four pixels', 64):
+        assert cv2.getTextSize(line, font, 0.33, 1)[0][0] <= 60
+    tile = np.full((32, 32, 3), 200, np.uint8)
+    title = 'decode_head.1 (CBSA, decode_head.layers.1.attn), 32x32 patches, 150 prefix tokens'
+    save_tile_grid([[tile, tile]], str(tmp_path / 'g.png'), ['head 0'],
+                   ['image', 'representative 12 of 100'], title=title, tile_px=48)
+    drawn = cv2.imread(str(tmp_path / 'g.png'))
+    assert (drawn[:, 0] == 255).all() and (drawn[:, -1] == 255).all()
+    top = drawn[:int(np.flatnonzero((drawn[:, :, 0] < 250).any(1))[-1])]
+    assert (top < 128).any()  # there is text
+
+
+def test_tile_grid_colour_scale_is_the_heat_colormap(tmp_path):
+    from matplotlib import colormaps
+
+    from mmcbsa.analysis.plots import save_tile_grid
+    tile = np.full((32, 32, 3), 200, np.uint8)
+    save_tile_grid([[tile] * 4], str(tmp_path / 'g.png'), tile_px=64, colour_scale=True)
+    drawn = cv2.imread(str(tmp_path / 'g.png'))[..., ::-1]  # RGB
+    grid_h = 64 + 2
+    band = drawn[grid_h + 8].astype(int)  # the middle row of the gradient strip
+    spread = band.max(-1) - band.min(-1) > 3  # coloured (the labels beside it are grey)
+    xs = np.flatnonzero(spread)
+    coloured = band[xs[0]:xs[-1] + 1]
+    assert spread[xs[0]:xs[-1] + 1].all()  # one contiguous strip
+    ramp = (colormaps['inferno'](np.linspace(0, 1, len(coloured)))[:, :3] * 255).round()
+    assert len(coloured) >= 40
+    assert np.abs(coloured.astype(float) - ramp).max() <= 2
+
+
+def test_figures_name_weights_layers_scores_and_ground_truth(configs, tmp_path, monkeypatch):
+    """visualize_attention.py and zero_shot_seg.py say what each picture shows: which
+    weights, which layer, the colour scale; the zero-shot columns carry their IoU and the
+    ground-truth-assisted reading says that it uses the ground truth."""
+    calls = []
+    for tool in ('visualize_attention', 'zero_shot_seg'):
+        module = load_tool(tool)
+        monkeypatch.setattr(module, 'save_tile_grid',
+                            lambda tiles, path, rows, cols, title=None, **kw: calls.append(
+                                (path, cols, title, kw)))
+        extra = ['--layers', '-1'] if tool == 'visualize_attention' else ['--num-images', '2']
+        module.main([configs['cbt_head'], '--out-dir', str(tmp_path)] + extra)
+    layer, overview, zero = calls
+    assert 'untrained' in layer[2] and 'decode_head.1' in layer[2] and layer[3]['colour_scale']
+    assert 'untrained' in overview[2] and overview[3]['colour_scale']
+    assert 'zero-shot foreground' in zero[2] and 'untrained' in zero[2] and 'IoU' in zero[2]
+    assert any(c.startswith('attention mass (no labels used), IoU ') and c.endswith(' %')
+               for c in zero[1])
+    assert any('by ground-truth majority, IoU ' in c for c in zero[1])
+    assert any('USES THE GROUND TRUTH' in line for line in zero[3]['legend'])
+
+
+def test_plots_label_both_panels_and_keep_legends_off_the_curves(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+    saved = []
+    monkeypatch.setattr(Figure, 'savefig', lambda fig, *a, **k: saved.append(fig))
+    rows = [dict(transform='none', value='50.0', sigma='0', scope='head', params='',
+                 mode='')]
+    rows += [dict(transform='gaussian', value=str(40.0 - s), sigma=str(s), scope='head',
+                  params='', mode='') for s in (0.1, 1.0)]
+    rows += [dict(transform='orthogonal', value='50.0', sigma='', scope='head', params='',
+                  mode='whole')]
+    load_tool('perturb_robustness').plot(rows, str(tmp_path / 'r.png'), 'mIoU', 'title')
+    bar = saved[-1].axes[1]
+    assert bar.get_ylabel() == 'mIoU'  # the bar panel had no y label
+    load_tool('coding_rate').plot_training(
+        {'coding_rate/backbone.0': [(0, 2.0), (10, 1.0)],
+         'coding_rate/backbone.1': [(0, 2.1), (10, 0.9)]}, str(tmp_path / 't.png'), 'title')
+    legend = saved[-1].axes[0].get_legend()
+    anchor = legend.get_bbox_to_anchor().transformed(saved[-1].axes[0].transAxes.inverted())
+    assert anchor.y1 < 0  # below the axes, not over the curves' common start

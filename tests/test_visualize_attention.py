@@ -59,13 +59,17 @@ def test_tool_draws_one_row_per_head(tmp_path):
     assert '1 layers drawn (backbone.1)' in proc.stdout
     drawn = cv2.imread(str(out / 'attention_backbone.1.png'))
     assert drawn is not None
-    # tiles of 84 x 112 (longer side 112), 2-px gaps, a 16-px title, a 14-px header and a
-    # 44-px row-label band; 2 heads x (image, CLS row, 3 representatives, clusters)
-    assert drawn.shape == (16 + 14 + 2 * (84 + 2), 44 + 6 * (112 + 2), 3)
+    # tiles of 84 x 112 (longer side 112), 2-px gaps, a row-label band as wide as 'head 0';
+    # 2 heads x (image, CLS row, 3 representatives, clusters); above: the wrapped title
+    # and column titles, below: the colour scale and the legend
+    label_w = 8 + cv2.getTextSize('head 0', cv2.FONT_HERSHEY_SIMPLEX, 0.33, 1)[0][0]
+    assert drawn.shape[1] == label_w + 6 * (112 + 2)
     expected = cv2.resize(image, (112, 84), interpolation=cv2.INTER_NEAREST)
-    for head in range(2):
-        y = 30 + head * 86
-        np.testing.assert_array_equal(drawn[y:y + 84, 44:44 + 112], expected)
+    column = drawn[:, label_w:label_w + 112]
+    rows_at = [y for y in range(drawn.shape[0] - 83)  # the image, exactly, once per head
+               if np.array_equal(column[y:y + 84], expected)]
+    assert len(rows_at) == 2 and rows_at[1] - rows_at[0] == 84 + 2
+    assert rows_at[0] > 20 and drawn.shape[0] > rows_at[1] + 84 + 30  # text above, below
     rows = list(csv.DictReader(open(out / 'attention_maps.csv')))
     assert {(r['map'], r['head']) for r in rows} == {
         (m, h) for m in ('cls', 'reps', 'clusters') for h in ('0', '1')}

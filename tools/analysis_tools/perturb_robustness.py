@@ -190,7 +190,10 @@ def main(argv=None) -> List[dict]:
     csv_path = osp.join(args.out_dir, 'perturb_robustness.csv')
     png_path = osp.join(args.out_dir, 'perturb_robustness.png')
     write_csv(csv_path, rows)
-    plot(rows, png_path, key, f'{osp.basename(args.config)}: {key} under weight noise')
+    weights = (f'checkpoint {osp.basename(args.checkpoint)}' if args.checkpoint
+               else 'untrained (the config\'s initialisation)')
+    plot(rows, png_path, key, f'{osp.basename(args.config)}, {weights}: {key} under weight '
+         f'noise, mean ± std over {args.seeds} seed(s)')
     clean = float(rows[0]['value'])
     means = []
     for s in args.sigmas:

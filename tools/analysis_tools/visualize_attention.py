@@ -147,6 +147,17 @@ def layer_tiles(rec: LayerRecord, heads: List[int], image: np.ndarray,
     return rows, ['image'] + [c[1] for c in columns], csv_rows
 
 
+def _legend(maps) -> List[str]:
+    """What the colours mean, for the map kinds drawn."""
+    lines = []
+    if any(k in maps for k in ('clusters', 'groups', 'experts')):
+        lines.append('clusters / groups / experts: one colour per part (categorical, no '
+                     'scale).')
+    if 'routed_keys' in maps:
+        lines.append('routed keys: the tokens an expert routes to.')
+    return lines
+
+
 def primary_map(rec: LayerRecord) -> Optional[str]:
     """The map drawn in the overview: a query row, else groups, else clusters."""
     for kind in ROW_MAPS + ('groups', 'clusters'):
@@ -173,6 +184,8 @@ def main(argv=None) -> Dict[str, object]:
         raise ValueError(f'no attention maps were recorded; attention types in the model: '
                          f'{types} (see mmcbsa.analysis.MECHANISMS)')
     chosen = select_layers(records, labels, args.layers)
+    weights = (f'checkpoint {osp.basename(args.checkpoint)}' if args.checkpoint
+               else 'untrained (the config\'s initialisation)')
     image = to_rgb_image(batch['inputs'][0])
     input_shape = tuple(data['inputs'].shape[-2:])
     csv_rows, overview, overview_rows = [], [], []
@@ -187,8 +200,9 @@ def main(argv=None) -> Dict[str, object]:
         path = osp.join(args.out_dir, f'attention_{labels[i]}.png')
         save_tile_grid(rows, path, [f'head {h}' for h in heads], cols,
                        f'{labels[i]} ({rec.type}, {rec.name}), {rec.hw_shape[0]}x'
-                       f'{rec.hw_shape[1]} patches, {rec.num_prefix} prefix tokens',
-                       tile_px=args.tile_size)
+                       f'{rec.hw_shape[1]} patches, {rec.num_prefix} prefix tokens; {weights}',
+                       tile_px=args.tile_size, colour_scale=True,
+                       legend=_legend(rec.maps))
         for s in stats:
             csv_rows.append(dict(layer=labels[i], module=rec.name, type=rec.type,
                                  query=rec.query, **s))
@@ -205,7 +219,9 @@ def main(argv=None) -> Dict[str, object]:
     cols = ['image'] + [f'head {h}' for h in (range(max_heads) if args.heads is None
                                              else args.heads)]
     save_tile_grid(overview, osp.join(args.out_dir, 'attention_overview.png'), overview_rows,
-                   cols, tile_px=args.tile_size)
+                   cols, title=f'attention maps, one row per layer: {osp.basename(args.config)}'
+                   f', {weights}', tile_px=args.tile_size, colour_scale=True,
+                   legend=_legend({k: None for i in chosen for k in records[i].maps}))
     csv_path = osp.join(args.out_dir, 'attention_maps.csv')
     write_csv(csv_path, csv_rows)
     src = args.image or f'{args.split} image {0 if args.index is None else args.index}'

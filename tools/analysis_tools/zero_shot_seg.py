@@ -246,7 +246,17 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
     csv_path = osp.join(args.out_dir, 'zero_shot_seg.csv')
     write_csv(csv_path, rows)
     png_path = osp.join(args.out_dir, 'zero_shot_seg.png')
-    _draw(drawn, results, png_path, ignore, args.tile_size)
+    weights = (f'checkpoint {osp.basename(args.checkpoint)}' if args.checkpoint
+               else 'untrained (the config\'s initialisation)')
+    read = []
+    if mass_i is not None:
+        read.append(f'attention mass from {labels[mass_i]} ({records[mass_i].type}, '
+                    f'tau={args.tau})')
+    if cluster_i is not None:
+        read.append(f'clusters from {labels[cluster_i]} ({records[cluster_i].type})')
+    title = (f'zero-shot foreground, {osp.basename(args.config)}, {weights}: '
+             + '; '.join(read) + f'; IoU over {len(gts)} images')
+    _draw(drawn, results, png_path, ignore, args.tile_size, title)
     best = max((n for n in results if n.startswith('clusters')),
                key=lambda n: results[n]['IoU.foreground'], default=None)
     parts = []
@@ -265,7 +275,10 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
 
 
 def _draw(drawn: list, results: Dict[str, Dict[str, float]], path: str, ignore: int,
-          tile_size: int) -> None:
+          tile_size: int, title: str) -> None:
+    """The first images, one row each: image, ground-truth foreground, each reading (with
+    its IoU over all images in the column title); a legend says which readings use the
+    ground truth."""
     best = max((n for n in results if n.startswith('clusters')),
                key=lambda n: results[n]['IoU.foreground'], default=None)
     tiles = []
@@ -279,12 +292,21 @@ def _draw(drawn: list, results: Dict[str, Dict[str, float]], path: str, ignore: 
             row.append(label_overlay(image, cluster_tiles[h].numpy()))
             row.append(mask_overlay(image, current[best].numpy() == 1))
         tiles.append(row)
-    cols = ['image', 'ground-truth fg']
+    iou = lambda name: results[name]['IoU.foreground']  # noqa: E731
+    cols = ['image', 'ground-truth foreground']
+    legend = ['green: foreground, grey: pixels the metric ignores; IoU = foreground IoU '
+              'over all images (mmseg IoUMetric).']
     if drawn and 'attention-mass' in drawn[0][2]:
-        cols.append('attention mass')
+        cols.append(f'attention mass (no labels used), IoU {iou("attention-mass"):.1f} %')
     if best is not None:
-        cols += [f'clusters ({best.split("/")[1]})', 'clusters -> fg']
-    save_tile_grid(tiles, path, None, cols, tile_px=tile_size)
+        head = best.split('/')[1]
+        cols += [f'clusters ({head}): one colour per cluster',
+                 f'clusters -> foreground by ground-truth majority, IoU {iou(best):.1f} %']
+        legend.append('"clusters -> foreground" USES THE GROUND TRUTH: each cluster takes the '
+                      'majority label of its pixels, an upper bound for that clustering, not a '
+                      f'zero-shot reading (baseline: a grid of as many parts, IoU '
+                      f'{iou("grid-parts"):.1f} %).')
+    save_tile_grid(tiles, path, None, cols, title=title, tile_px=tile_size, legend=legend)
 
 
 if __name__ == '__main__':
