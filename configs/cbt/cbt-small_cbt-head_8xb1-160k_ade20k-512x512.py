@@ -1,16 +1,15 @@
 # The fully linear segmenter: CBT-S (conv stem, CBSA + ISTA blocks, docs/mechanisms.md §1)
-# as the encoder and the CBT decode head (docs/mechanisms.md §4), ADE20K 512x512, on
-# mmseg's Segmenter ViT-S recipe (data pipeline, SGD lr 1e-3 poly on the 160k schedule,
-# batch 8 = 8 GPUs x 1, slide inference 512 / stride 512).
-# Neither part is quadratic in the number of tokens; this is the model that
-# tools/analysis_tools/train_throughput.py times against Segmenter ViT-S
+# as the encoder under the CBT decode head (docs/mechanisms.md §4), ADE20K 512x512: the
+# CBT-head config on mmseg's Segmenter ViT-S recipe (data pipeline, SGD lr 1e-3 poly on the
+# 160k schedule, batch 8 = 8 GPUs x 1, slide inference 512 / stride 512) with only the
+# encoder changed. Neither part is quadratic in the number of tokens; this is the model
+# that tools/analysis_tools/train_throughput.py times against Segmenter ViT-S
 # (docs/benchmark_attention.md, "CUDA").
 # No ImageNet CBT-S weights are loaded (pretrained=None); to start from a CBT-S trained
 # with configs/cbt/cbt-small_8xb32-lion-150e_in1k.py, set
 #   model.backbone.init_cfg=dict(type='Pretrained', checkpoint=CKPT, prefix='backbone.')
 # (the position embedding is resized to the 32x32 grid on load).
-_base_ = ['mmseg::segmenter/segmenter_vit-s_mask_8xb1-160k_ade20k-512x512.py']
-custom_imports = dict(imports=['mmcbsa'], allow_failed_imports=False)
+_base_ = ['./cbt-head_vit-s_mask_8xb1-160k_ade20k-512x512.py']
 
 model = dict(
     pretrained=None,
@@ -24,18 +23,4 @@ model = dict(
         out_type='featmap',
         with_cls_token=True,
         final_norm=True,
-        drop_path_rate=0.1),
-    decode_head=dict(
-        _delete_=True,
-        type='CBTHead',
-        in_channels=384,
-        channels=384,
-        num_classes=150,
-        num_layers=3,
-        num_heads=3,
-        head_dims=100,
-        num_reps=100,
-        dropout_ratio=0.0,
-        align_corners=False,
-        loss_decode=dict(
-            type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)))
+        drop_path_rate=0.1))
