@@ -128,6 +128,9 @@ def test_train_writes_checkpoints_and_validates(trained):
     assert 'Iter(train) [4/4]' in log
     miou = re.findall(r'Iter\(val\) \[2/2\].*mIoU: ([0-9.]+)', log)
     assert miou and 0.0 <= float(miou[-1]) <= 100.0
+    # the main config logs the compression curve (CodingRateHook), here on the 2 val images
+    assert re.search(r'CodingRateHook: after 0 iterations, coding rate on 2 val images: '
+                     r'backbone.0 [0-9.]+, decode_head.0 [0-9.]+ \([0-9.]+ s\)', log), log[-3000:]
     ckpt = torch.load(work / 'iter_4.pth', map_location='cpu', weights_only=True)
     assert ckpt['meta']['iter'] == 4
     assert any(k.startswith('decode_head.') for k in ckpt['state_dict'])

@@ -87,8 +87,9 @@ class CodingRateHook(Hook):
             f'{layer.label} {layer.coding_rate_mean_std[0]:.1f}'
             + (f' (sparsity {layer.sparsity_mean_std[0]:.3f})' if layer.sparsity else '')
             for layer in layers)
+        seen = sum(len(batch['inputs']) for batch in self._images(runner))
         runner.logger.info(f'CodingRateHook: after {step} iterations, coding rate on '
-                           f'{self.num_images} {self.split} images: {summary} '
+                           f'{seen} {self.split} images: {summary} '
                            f'({time.perf_counter() - start:.2f} s)')
         return scalars
 
