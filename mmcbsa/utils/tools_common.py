@@ -44,14 +44,19 @@ class CfgOptionsAction(DictAction):
                          f'({type(exc).__name__}); {self.HINT}')
 
 
+def add_cfg_options_arg(parser: argparse.ArgumentParser,
+                        example: str = 'model.decode_head.num_layers=3', **kwargs) -> None:
+    """``--cfg-options key=value ...`` (the one definition every tool uses;
+    :class:`CfgOptionsAction`). ``kwargs`` go to ``add_argument`` (e.g. ``default={}``)."""
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
+                        help=f'override settings of the config, key=value pairs (e.g. '
+                        f'{example})', **kwargs)
+
+
 def add_runner_args(parser: argparse.ArgumentParser) -> None:
     """Add ``--cfg-options``, ``--launcher`` and ``--local-rank``/``--local_rank``."""
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=CfgOptionsAction,
-        help='override settings of the config, key=value pairs (e.g. '
-        'model.decode_head.num_layers=3 "default_hooks.logger.interval=10")')
+    add_cfg_options_arg(parser, 'model.decode_head.num_layers=3 '
+                        '"default_hooks.logger.interval=10"')
     parser.add_argument(
         '--launcher',
         choices=['none', 'pytorch', 'slurm', 'mpi'],
@@ -148,12 +153,7 @@ def add_analysis_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--out-dir', required=True, help='directory for the CSV and PNG files')
     parser.add_argument('--device', default='cpu',
                         help="'cpu' (default), 'cuda' / 'cuda:N', or 'auto' (CUDA if present)")
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=CfgOptionsAction,
-        help='override settings of the config, key=value pairs (e.g. '
-        'test_dataloader.dataset.data_root=data/mini_ade20k)')
+    add_cfg_options_arg(parser, 'test_dataloader.dataset.data_root=data/mini_ade20k')
 
 
 def add_allow_partial_arg(parser: argparse.ArgumentParser) -> None:

@@ -21,11 +21,11 @@ import argparse
 import os.path as osp
 
 import torch
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 
 from mmcbsa.analysis import (FLOPS_CONVENTION, build_model_from_config,
                              input_shape_from_config, model_complexity)
-from mmcbsa.utils.tools_common import user_errors
+from mmcbsa.utils.tools_common import add_cfg_options_arg, user_errors
 
 PROG = 'get_flops.py'
 
@@ -43,8 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         'complexity_stats_table) down to DEPTH (default 3)')
     parser.add_argument('--seed', type=int, default=0,
                         help='seed of the random weights and input (MiTA routing)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override settings of the config, key=value pairs')
+    add_cfg_options_arg(parser)
     return parser.parse_args(argv)
 
 

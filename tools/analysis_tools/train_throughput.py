@@ -81,7 +81,7 @@ DTYPES = ('bfloat16', 'float16', 'float32')
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from mmengine.config import DictAction
+    from mmcbsa.utils.tools_common import add_cfg_options_arg
     parser = argparse.ArgumentParser(
         description='Training (mmengine Runner) or inference throughput of segmentors and '
         'classifiers against their softmax baselines (Segmenter ViT-S, DeiT)')
@@ -102,9 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--num-images', type=int, default=16,
                         help='synthetic training images written once into --work-dir')
     parser.add_argument('--workers', type=int, default=4, help='data loader workers')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
-                        help='key=value overrides applied to every model config, '
-                        'e.g. model.backbone.num_layers=2 (a smaller smoke run)')
+    add_cfg_options_arg(parser, 'model.backbone.num_layers=2, applied to every model '
+                        'config: a smaller smoke run', default={})
     parser.add_argument('--work-dir', default='work_dirs/train_throughput')
     return parser.parse_args(argv)
 
