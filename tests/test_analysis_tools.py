@@ -372,7 +372,7 @@ def test_checkpoints_that_do_not_fit_are_refused(tool, configs, tmp_path, capsys
 
 
 def test_fit_problem_counts_by_hand():
-    from mmcbsa.utils.weights import fit_problem
+    from mmcbsa.engine.weights import fit_problem
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
     sd = dict(model.state_dict())
     assert fit_problem(model, sd) is None

@@ -1,5 +1,5 @@
 """The tools end to end (train -> checkpoint -> resume -> test, and torchrun on CPU with
-gloo) plus the infrastructure in mmcbsa.utils: weights_only-safe globals for mmengine
+gloo) plus the infrastructure in mmcbsa.engine: weights_only-safe globals for mmengine
 checkpoints, and the CPU distributed wrapper.
 
 The tools run as subprocesses, exactly as a user runs them, on a tiny config derived from
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import mmcbsa  # noqa: F401  (registers the safe globals)
-from mmcbsa.utils import (MMCPUDistributedDataParallel, configure_cpu_distributed,
+from mmcbsa.engine import (MMCPUDistributedDataParallel, configure_cpu_distributed,
                           mmengine_safe_globals, register_mmengine_safe_globals)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,7 +262,7 @@ def test_dist_train_two_processes_on_cpu(tiny, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# mmcbsa.utils: safe globals
+# mmcbsa.engine: safe globals
 # ---------------------------------------------------------------------------------------
 
 
@@ -338,7 +338,7 @@ def test_history_buffer_and_numpy_roundtrip(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# mmcbsa.utils: CPU distributed
+# mmcbsa.engine: CPU distributed
 # ---------------------------------------------------------------------------------------
 
 
@@ -372,7 +372,7 @@ import torch.distributed as dist
 import mmcbsa  # noqa: F401
 from mmengine.model import BaseModel
 from mmengine.registry import MODEL_WRAPPERS
-from mmcbsa.utils import MMCPUDistributedDataParallel
+from mmcbsa.engine import MMCPUDistributedDataParallel
 
 class Tiny(BaseModel):
     def __init__(self):

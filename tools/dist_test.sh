@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Distributed testing with torchrun:  bash tools/dist_test.sh CONFIG CHECKPOINT NUM_PROCS [test.py args]
 # Multi-node: NNODES, NODE_RANK, MASTER_ADDR and PORT from the environment.
-# Without CUDA the processes run on CPU through a gloo process group (mmcbsa.utils.dist).
+# Without CUDA the processes run on CPU through a gloo process group (mmcbsa.engine.dist).
 CONFIG=$1
 CHECKPOINT=$2
 NPROCS=$3

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Distributed training with torchrun:  bash tools/dist_train.sh CONFIG NUM_PROCS [train.py args]
 # Multi-node: NNODES, NODE_RANK, MASTER_ADDR and PORT from the environment.
-# Without CUDA the processes train on CPU through a gloo process group (mmcbsa.utils.dist).
+# Without CUDA the processes train on CPU through a gloo process group (mmcbsa.engine.dist).
 CONFIG=$1
 NPROCS=$2
 NNODES=${NNODES:-1}

@@ -20,10 +20,10 @@ import os.path as osp
 from mmengine.config import Config
 
 import mmcbsa  # noqa: F401  (registers modules and checkpoint safe globals)
-from mmcbsa.utils.tools_common import (add_allow_partial_arg, add_runner_args, build_runner,
+from mmcbsa.cli import (add_allow_partial_arg, add_runner_args, build_runner,
                                        export_local_rank, load_config, missing_data,
                                        user_errors)
-from mmcbsa.utils.weights import check_weights
+from mmcbsa.engine.weights import check_weights
 
 
 def parse_args(argv=None):

@@ -23,7 +23,7 @@ from mmengine.config import Config
 
 import mmcbsa  # noqa: F401  (registers modules and checkpoint safe globals)
 from mmcbsa.engine import configure_amp
-from mmcbsa.utils.tools_common import (add_runner_args, build_runner, export_local_rank,
+from mmcbsa.cli import (add_runner_args, build_runner, export_local_rank,
                                        load_config, missing_data, user_errors)
 
 

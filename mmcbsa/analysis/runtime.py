@@ -22,7 +22,7 @@ from mmengine.registry import DATASETS, MODELS, init_default_scope
 from mmengine.runner import Runner
 from mmengine.runner.utils import set_random_seed
 
-from mmcbsa.utils.weights import load_weights
+from mmcbsa.engine.weights import load_weights
 
 __all__ = ['build_model', 'build_dataloader', 'forward_tensor', 'iter_batches',
            'resolve_device', 'unwrap', 'config_seed', 'single_image_batch']
@@ -65,7 +65,7 @@ def build_model(cfg: Config, checkpoint: Optional[str] = None,
 
     Without ``checkpoint`` the weights are the config's initialisation
     (``init_weights()`` after seeding with :func:`config_seed`), so two calls give the
-    same untrained model; with it, :func:`mmcbsa.utils.weights.load_weights`: a
+    same untrained model; with it, :func:`mmcbsa.engine.weights.load_weights`: a
     checkpoint that does not fit the model (missing, unexpected or mis-shaped tensors)
     is refused with a ``ValueError`` unless ``allow_partial``.
 

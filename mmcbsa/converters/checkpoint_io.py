@@ -38,7 +38,7 @@ __all__ = ['ConversionError', 'ReferenceCheckpoint', 'read_reference_checkpoint'
 
 _WRAPPERS = ('model', 'state_dict')
 _DP_PREFIX = 'module.'
-# Classes (besides mmcbsa's allow-list, see mmcbsa.utils.safe_globals) that the
+# Classes (besides mmcbsa's allow-list, see mmcbsa.engine.safe_globals) that the
 # training scripts' checkpoints hold next to the weights.
 _EXTRA_SAFE_GLOBALS = [argparse.Namespace]
 

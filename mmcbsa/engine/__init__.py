@@ -1,5 +1,17 @@
-"""Training-side additions to mmengine (registered on import)."""
+"""Additions to mmengine's training and loading machinery (registered on import): the
+bfloat16 AMP wrapper, the Lion optimizer, the CPU (gloo) distributed launch, the
+allow-list that lets ``torch.load(weights_only=True)`` read mmengine checkpoints, and the
+check that a checkpoint fits a model."""
 from .amp import BF16AmpOptimWrapper, configure_amp
+from .dist import (MMCPUDistributedDataParallel, configure_cpu_distributed, init_cpu_dist,
+                   setup_cpu_distributed)
 from .optimizers import LION_AVAILABLE
+from .safe_globals import mmengine_safe_globals, register_mmengine_safe_globals
+from .weights import check_weights, fit_problem, load_weights, read_state_dict
 
-__all__ = ['BF16AmpOptimWrapper', 'LION_AVAILABLE', 'configure_amp']
+__all__ = [
+    'BF16AmpOptimWrapper', 'LION_AVAILABLE', 'configure_amp', 'MMCPUDistributedDataParallel',
+    'configure_cpu_distributed', 'init_cpu_dist', 'setup_cpu_distributed',
+    'mmengine_safe_globals', 'register_mmengine_safe_globals', 'check_weights', 'fit_problem',
+    'load_weights', 'read_state_dict'
+]

@@ -33,7 +33,7 @@ import mmcbsa  # noqa: F401  (registers modules and checkpoint safe globals)
 from mmcbsa.analysis import LayerCompression, measure_compression
 from mmcbsa.analysis.plots import new_figure, set_title
 from mmcbsa.analysis.runtime import build_dataloader, build_model, iter_batches
-from mmcbsa.utils.tools_common import (add_analysis_args, cli_main, load_analysis_config,
+from mmcbsa.cli import (add_analysis_args, cli_main, load_analysis_config,
                                        write_csv)
 
 

@@ -25,7 +25,7 @@ from mmengine.config import Config
 
 from mmcbsa.analysis import (FLOPS_CONVENTION, build_model_from_config,
                              input_shape_from_config, model_complexity)
-from mmcbsa.utils.tools_common import add_cfg_options_arg, user_errors
+from mmcbsa.cli import add_cfg_options_arg, user_errors
 
 PROG = 'get_flops.py'
 

@@ -37,9 +37,9 @@ from mmcbsa.analysis.perturb import (ORTHOGONAL_MODES, SCOPES, orthogonal_transf
                                      perturb_parameters_, scope_parameters, tied_mssa_layers)
 from mmcbsa.analysis.plots import new_figure, set_title
 from mmcbsa.analysis.runtime import config_seed, resolve_device, unwrap
-from mmcbsa.utils.tools_common import (add_analysis_args, build_runner, cli_main,
+from mmcbsa.cli import (add_analysis_args, build_runner, cli_main,
                                        load_analysis_config, write_csv)
-from mmcbsa.utils.weights import load_weights
+from mmcbsa.engine.weights import load_weights
 
 DEFAULT_SIGMAS = [float(f'{s:.4g}') for s in np.logspace(-3, 0, 7)]  # 1e-3 ... 1
 

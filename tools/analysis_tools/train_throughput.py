@@ -81,7 +81,7 @@ DTYPES = ('bfloat16', 'float16', 'float32')
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from mmcbsa.utils.tools_common import add_cfg_options_arg
+    from mmcbsa.cli import add_cfg_options_arg
     parser = argparse.ArgumentParser(
         description='Training (mmengine Runner) or inference throughput of segmentors and '
         'classifiers against their softmax baselines (Segmenter ViT-S, DeiT)')

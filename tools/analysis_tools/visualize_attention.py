@@ -40,7 +40,7 @@ from mmcbsa.analysis.capture import layer_labels
 from mmcbsa.analysis.plots import (heat_overlay, label_overlay, save_tile_grid, to_rgb_image,
                                    upsample_grid)
 from mmcbsa.analysis.runtime import build_model, forward_tensor, single_image_batch
-from mmcbsa.utils.tools_common import (add_analysis_args, add_map_args, cli_main,
+from mmcbsa.cli import (add_analysis_args, add_map_args, cli_main,
                                        load_analysis_config, write_csv)
 
 ROW_MAPS = ('cls', 'mean')  # token-to-token query rows

@@ -49,7 +49,7 @@ from mmcbsa.analysis.runtime import build_dataloader, build_model, forward_tenso
 from mmcbsa.analysis.zero_shot import (binary_ground_truth, cls_foreground, grid_partition,
                                        grid_to_image, label_clusters_by_majority,
                                        score_binary_masks)
-from mmcbsa.utils.tools_common import (add_analysis_args, add_map_args, cli_main,
+from mmcbsa.cli import (add_analysis_args, add_map_args, cli_main,
                                        load_analysis_config, write_csv)
 
 

@@ -15,7 +15,7 @@ import os.path as osp
 from typing import Iterable, List
 
 from mmcbsa.model_index import CLS_TASK, SEG_TASK, load_models, model_tasks
-from mmcbsa.utils.tools_common import user_errors
+from mmcbsa.cli import user_errors
 
 PROG = 'gen_model_zoo.py'
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))

@@ -20,7 +20,6 @@ The math lives in :func:`adapted_cbsa_attention` (heads in, heads out) and in th
 is the stand-alone module; :mod:`mmcbsa.models.backbones.adapted_vit` plugs the same
 function into mmpretrain's and mmseg's own ``VisionTransformer`` s.
 """
-import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -30,8 +29,8 @@ from mmengine.model import BaseModule
 from torch import Tensor
 
 from mmcbsa.registry import register_model
-from .base import (GridLike, check_hw_shape, check_input_width, merge_heads,
-                   pool_patch_tokens, resolve_head_dims, split_heads, to_grid, warn_once)
+from .base import (GridLike, check_input_width, merge_heads, patch_span, pool_patch_tokens,
+                   resolve_head_dims, split_heads, to_grid, warn_once)
 from .cbsa import _softmax
 
 Weights = Tuple[Tensor, Tensor]
@@ -63,14 +62,8 @@ def adapted_cbsa_attention(q: Tensor, k: Tensor, v: Tensor,
         ``broadcast = softmax_reps(q Q0ᵀ/√p)`` ``(B, H, N, m)``; else ``None``.
     """
     b, heads, n, p = q.shape
-    if legacy_pooling:
-        pooled_from = n - 1
-        if math.isqrt(max(pooled_from, 0)) ** 2 != pooled_from:
-            raise ValueError(f'{owner}: legacy_pooling needs N - 1 to be a square number of '
-                             f'tokens (reference behaviour), got N={n}')
-    else:
-        h, w = check_hw_shape(q[:, 0], hw_shape, owner)
-        pooled_from = h * w
+    _, h, w = patch_span(n, hw_shape, legacy_pooling, owner)
+    pooled_from = h * w
     m = grid[0] * grid[1]
     if m > pooled_from:
         warn_once(f'{owner}:num_reps={m}>{pooled_from}',
@@ -82,8 +75,8 @@ def adapted_cbsa_attention(q: Tensor, k: Tensor, v: Tensor,
     # the strided view); the (small) representatives are made contiguous so that SDPA
     # takes its fused kernels (they need unit stride in the last dimension).
     q_tokens = q.transpose(1, 2).reshape(b, n, heads * p).contiguous()
-    reps = split_heads(pool_patch_tokens(q_tokens, hw_shape, grid,
-                                         legacy=legacy_pooling).contiguous(), heads)
+    reps = split_heads(pool_patch_tokens(q_tokens, hw_shape, grid, legacy=legacy_pooling,
+                                         owner=owner).contiguous(), heads)
     scale = p ** -0.5
     if not return_weights:
         delta = F.scaled_dot_product_attention(reps, k, v, dropout_p=dropout_p, scale=scale)

@@ -105,13 +105,42 @@ def is_compiling() -> bool:
 
 def check_hw_shape(x: Tensor, hw_shape: Optional[Sequence[int]], owner: str) -> Tuple[int, int]:
     """Validate ``hw_shape`` against the token count of ``x`` (``B, N, C``)."""
+    return _check_hw(x.shape[1], hw_shape, owner)
+
+
+def _check_hw(num_tokens: int, hw_shape: Optional[Sequence[int]],
+              owner: str) -> Tuple[int, int]:
     if hw_shape is None:
         raise ValueError(f'{owner}: hw_shape=(h, w) of the patch grid is required')
     h, w = int(hw_shape[0]), int(hw_shape[1])
-    if h <= 0 or w <= 0 or h * w > x.shape[1]:
+    if h <= 0 or w <= 0 or h * w > num_tokens:
         raise ValueError(f'{owner}: hw_shape={tuple(hw_shape)} needs h*w <= N '
-                         f'(N={x.shape[1]} tokens)')
+                         f'(N={num_tokens} tokens)')
     return h, w
+
+
+def patch_span(num_tokens: int, hw_shape: Optional[Sequence[int]], legacy: bool,
+               owner: str) -> Tuple[int, int, int]:
+    """The one pooling rule: which tokens are pooled into representatives or landmarks
+    (docs/mechanisms.md §1.2, §5.1, §8), as ``(start, h, w)``: the ``h·w`` tokens from
+    ``start`` form a row-major ``h × w`` grid.
+
+    * default: the patch tokens, after ``N − h·w`` prefix tokens, on ``hw_shape``;
+    * ``legacy`` (the reference implementations; released checkpoints): the first
+      ``N − 1`` tokens in sequence order (CLS included, last patch dropped) as a
+      ``⌊√(N−1)⌋`` square; ``hw_shape`` is not used.
+
+    Raises:
+        ValueError: naming ``owner`` and the parameter, when the tokens cannot form it.
+    """
+    if legacy:
+        side = math.isqrt(max(num_tokens - 1, 0))
+        if side < 1 or side * side != num_tokens - 1:
+            raise ValueError(f'{owner}: legacy_pooling needs N - 1 to be a square number of '
+                             f'tokens (reference behaviour), got N={num_tokens}')
+        return 0, side, side
+    h, w = _check_hw(num_tokens, hw_shape, owner)
+    return num_tokens - h * w, h, w
 
 
 def pool_grid_channels_last(img: Tensor, grid: Tuple[int, int]) -> Tensor:
@@ -131,31 +160,22 @@ def pool_grid_channels_last(img: Tensor, grid: Tuple[int, int]) -> Tensor:
     return F.adaptive_avg_pool2d(img.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)
 
 
-def pool_patch_tokens(t: Tensor, hw_shape: Sequence[int], grid: Tuple[int, int],
-                      legacy: bool = False) -> Tensor:
-    """Adaptive average pooling of patch tokens onto ``grid`` (docs/mechanisms.md §1.2).
+def pool_patch_tokens(t: Tensor, hw_shape: Optional[Sequence[int]], grid: Tuple[int, int],
+                      legacy: bool = False, owner: str = 'pool_patch_tokens') -> Tensor:
+    """Adaptive average pooling of the tokens :func:`patch_span` selects onto ``grid``.
 
     Args:
         t: ``(B, N, C)`` tokens, prefix tokens first then ``h*w`` patches row-major.
         hw_shape: ``(h, w)`` of the patch grid.
         grid: ``(s_h, s_w)`` output grid; ``m = s_h * s_w``.
-        legacy: reproduce the reference implementations instead: pool the first
-            ``N - 1`` tokens in sequence order (CLS included, last patch dropped)
-            as a ``floor(sqrt(N))`` square (docs/mechanisms.md §1, "legacy pooling").
+        legacy: the reference implementations' pooling (:func:`patch_span`).
+        owner: named in errors.
 
     Returns:
         ``(B, m, C)`` pooled tokens, row-major on ``grid``.
     """
     b, n, c = t.shape
-    if legacy:
-        side = math.isqrt(n)
-        if side * side != n - 1:
-            raise ValueError(f'legacy_pooling needs N - 1 to be a square number of tokens '
-                             f'(reference behaviour), got N={n}')
-        patches, (h, w) = t[:, :n - 1], (side, side)
-    else:
-        h, w = int(hw_shape[0]), int(hw_shape[1])
-        patches = t[:, n - h * w:]
-    img = patches.transpose(1, 2).reshape(b, c, h, w)
+    start, h, w = patch_span(n, hw_shape, legacy, owner)
+    img = t[:, start:start + h * w].transpose(1, 2).reshape(b, c, h, w)
     pooled = F.adaptive_avg_pool2d(img, grid)  # (B, C, s_h, s_w)
     return pooled.flatten(2).transpose(1, 2)

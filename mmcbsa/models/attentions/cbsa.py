@@ -19,7 +19,6 @@ Implementation notes (performance, exact math):
   token-major ``(B, N, H·p)`` from projection to projection; the PyTorch path is the
   reference, the CPU path and what ``torch.compile`` traces (inductor fuses it).
 """
-import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -30,7 +29,7 @@ from torch import Tensor
 
 from mmcbsa.ops import cbsa_triton
 from mmcbsa.registry import register_model
-from .base import (GridLike, check_hw_shape, check_input_width, is_compiling,
+from .base import (GridLike, check_hw_shape, check_input_width, is_compiling, patch_span,
                    pool_grid_channels_last, resolve_head_dims, to_grid, warn_once)
 
 PATHS = ('auto', 'triton', 'torch')
@@ -313,15 +312,8 @@ class CBSA(BaseModule):
 
     def _pooler(self, x: Tensor, hw_shape: Optional[Sequence[int]]) -> _GridPool:
         """Which tokens are pooled, on which grid (docs/mechanisms.md §1.2 and its legacy form)."""
-        n = x.shape[1]
-        if self.legacy_pooling:
-            side = math.isqrt(max(n - 1, 0))
-            if side * side != n - 1:
-                raise ValueError(f'CBSA: legacy_pooling needs N - 1 to be a square number '
-                                 f'of tokens (reference behaviour), got N={n}')
-            return _GridPool(0, (side, side), self.rep_grid)
-        h, w = check_hw_shape(x, hw_shape, 'CBSA')
-        return _GridPool(n - h * w, (h, w), self.rep_grid)
+        start, h, w = patch_span(x.shape[1], hw_shape, self.legacy_pooling, 'CBSA')
+        return _GridPool(start, (h, w), self.rep_grid)
 
     def _warn_if_superlinear(self, h: int, w: int) -> None:
         """Warn once per (m, h, w) when there are more representatives than patch

@@ -25,7 +25,7 @@ is unavailable:
    start-up log: ``Runner._log_env`` reports the world size under the hard-coded
    name ``GPU number`` (mmengine 0.10.x, no option); on the CPU path that line reads
    ``World size (CPU processes): N`` instead. ``tools/train.py``/``tools/test.py``
-   build it (:func:`mmcbsa.utils.tools_common.build_runner`) when the CPU path is
+   build it (:func:`mmcbsa.cli.build_runner`) when the CPU path is
    active and the config names no ``runner_type``.
 
 With CUDA present none of this is active and the stock GPU path is untouched. The

@@ -7,7 +7,7 @@ loads what fits, for the cases a researcher really wants (a decoder on another e
 a checkpoint of an older layout).
 
 Checkpoints are read with ``torch.load(weights_only=True)`` (mmengine's metadata is
-allow-listed by importing mmcbsa, :mod:`mmcbsa.utils.safe_globals`).
+allow-listed by importing mmcbsa, :mod:`mmcbsa.engine.safe_globals`).
 """
 import warnings
 from typing import Dict, List, Optional

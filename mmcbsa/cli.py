@@ -1,8 +1,9 @@
-"""What tools/train.py and tools/test.py share: the runner-related command-line options,
-loading a config with those options applied, and building mmengine's Runner with the
-CPU (gloo) distributed path of :mod:`mmcbsa.utils.dist`; and what every command-line tool
-shares: one error policy (:func:`user_errors`, :func:`cli_main`) and, for the analysis
-tools, one command-line shape and CSV writing.
+"""The command-line layer (the top of mmcbsa: it may import every other part; nothing in
+mmcbsa imports it). What tools/train.py and tools/test.py share: the runner-related
+command-line options, loading a config with those options applied, and building mmengine's
+Runner with the CPU (gloo) distributed path of :mod:`mmcbsa.engine.dist`; and what every
+command-line tool shares: one error policy (:func:`user_errors`, :func:`cli_main`), one
+``--cfg-options`` and, for the analysis tools, one command-line shape and CSV writing.
 """
 import argparse
 import contextlib
@@ -17,7 +18,7 @@ from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from .dist import CPUDistributedRunner, setup_cpu_distributed
+from .engine.dist import CPUDistributedRunner, setup_cpu_distributed
 
 T = TypeVar('T')
 
@@ -95,7 +96,7 @@ def build_runner(cfg: Config) -> Runner:
 
     On CPU-only machines a distributed launcher first gets a gloo process group and
     DDP without device ids (:func:`setup_cpu_distributed`; a no-op with CUDA), and the
-    runner is :class:`~mmcbsa.utils.dist.CPUDistributedRunner` (mmengine's ``Runner``
+    runner is :class:`~mmcbsa.engine.dist.CPUDistributedRunner` (mmengine's ``Runner``
     whose start-up log reports the world size as CPU processes, not ``GPU number``).
     """
     cpu_dist = setup_cpu_distributed(cfg)
@@ -158,7 +159,7 @@ def add_analysis_args(parser: argparse.ArgumentParser) -> None:
 
 def add_allow_partial_arg(parser: argparse.ArgumentParser) -> None:
     """``--allow-partial``: load a checkpoint that does not fit the model (only the
-    tensors with the model's names and shapes; :mod:`mmcbsa.utils.weights`)."""
+    tensors with the model's names and shapes; :mod:`mmcbsa.engine.weights`)."""
     parser.add_argument('--allow-partial', action='store_true',
                         help='load only the tensors of the checkpoint that fit the model '
                         '(same name and shape), warn about the rest, instead of refusing')
