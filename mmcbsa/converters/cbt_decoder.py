@@ -21,7 +21,7 @@ from typing import Dict, Mapping, Optional
 
 from torch import Tensor
 
-from .depict import _ENCODER_DROPPED, _mmseg_vit_converter
+from .segmenter import convert_segmenter
 from .white_box import convert_attention
 
 __all__ = ['convert_cbt_decoder', 'convert_cbt_segmenter', 'cbt_head_kwargs_from_reference',
@@ -114,24 +114,7 @@ def infer_cbt_decoder_config(state_dict: Mapping[str, Tensor], prefix: str = '',
 def convert_cbt_segmenter(state_dict: Mapping[str, Tensor],
                           config: Optional[Mapping] = None) -> Dict[str, Tensor]:
     """Official CBT segmenter (``encoder.*`` Segmenter ViT + ``decoder.*``) -> mmseg
-    ``EncoderDecoder`` (``backbone.*`` mmseg ``VisionTransformer`` + ``decode_head.*``).
-
-    A bare decoder state dict converts to head keys without ``decode_head.``.
-    """
-    has_decoder = any(k.startswith('decoder.') for k in state_dict)
-    has_encoder = any(k.startswith('encoder.') for k in state_dict)
-    if not has_decoder and not has_encoder:
-        return convert_cbt_decoder(state_dict, config)
-    other = [k for k in state_dict if not k.startswith(('encoder.', 'decoder.'))]
-    if other:
-        raise KeyError(f'convert_cbt_segmenter: keys outside encoder./decoder.: {other}')
-    out: Dict[str, Tensor] = {}
-    if has_decoder:
-        out.update(convert_cbt_decoder(state_dict, config, 'decoder.', 'decode_head.'))
-    if has_encoder:
-        encoder = {k[len('encoder.'):]: v for k, v in state_dict.items()
-                   if k.startswith('encoder.')}
-        encoder = {k: v for k, v in encoder.items() if not k.startswith(_ENCODER_DROPPED)}
-        for k, v in _mmseg_vit_converter()(encoder).items():
-            out['backbone.' + k] = v
-    return out
+    ``EncoderDecoder`` (``backbone.*`` mmseg ``VisionTransformer`` + ``decode_head.*``);
+    a bare decoder state dict converts to head keys without ``decode_head.``
+    (:func:`.segmenter.convert_segmenter`)."""
+    return convert_segmenter(state_dict, convert_cbt_decoder, config, 'convert_cbt_segmenter')

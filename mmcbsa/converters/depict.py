@@ -23,12 +23,12 @@ maps both onto an mmseg ``EncoderDecoder`` (``backbone.`` = mmseg
 ``VisionTransformer``, ``decode_head.`` = ``DEPICTHead``), reusing mmseg's own
 ``vit2mmseg`` key mapping for the encoder.
 """
-import importlib.util
 import re
-from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional
 
 from torch import Tensor
+
+from .segmenter import convert_segmenter
 
 __all__ = [
     'convert_depict', 'convert_depict_segmenter', 'depict_head_kwargs_from_reference',
@@ -146,47 +146,9 @@ def infer_depict_config(state_dict: Mapping[str, Tensor], prefix: str = '',
     return cfg
 
 
-def _mmseg_vit_converter() -> Callable[[Mapping[str, Tensor]], Dict[str, Tensor]]:
-    """mmseg's own timm-ViT -> mmseg ``VisionTransformer`` key mapping
-    (``tools/model_converters/vit2mmseg.py``, shipped in the mmseg package)."""
-    import mmseg
-    path = Path(mmseg.__file__).parent / '.mim' / 'tools' / 'model_converters' / 'vit2mmseg.py'
-    if not path.is_file():
-        raise FileNotFoundError(f'mmseg ViT converter not found at {path}; '
-                                'reinstall mmsegmentation (the package ships it under .mim)')
-    spec = importlib.util.spec_from_file_location('_mmseg_vit2mmseg', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.convert_vit
-
-
-# Segmenter encoder parameters that mmseg's VisionTransformer has no place for.
-_ENCODER_DROPPED = ('head.', 'head_dist.', 'dist_token', 'pre_logits.')
-
-
 def convert_depict_segmenter(state_dict: Mapping[str, Tensor],
                              config: Optional[Mapping] = None) -> Dict[str, Tensor]:
     """Official DEPICT segmenter (``encoder.*`` + ``decoder.*``) -> mmseg
-    ``EncoderDecoder`` (``backbone.*`` + ``decode_head.*``).
-
-    A bare decoder state dict (no ``decoder.`` prefix) converts to head keys
-    without ``decode_head.``. The encoder's classification head (``head``,
-    ``head_dist``) and distillation token are dropped: mmseg's ViT has neither.
-    """
-    has_decoder = any(k.startswith('decoder.') for k in state_dict)
-    has_encoder = any(k.startswith('encoder.') for k in state_dict)
-    if not has_decoder and not has_encoder:
-        return convert_depict(state_dict, config)
-    out: Dict[str, Tensor] = {}
-    if has_decoder:
-        out.update(convert_depict(state_dict, config, 'decoder.', 'decode_head.'))
-    if has_encoder:
-        encoder = {k[len('encoder.'):]: v for k, v in state_dict.items()
-                   if k.startswith('encoder.')}
-        encoder = {k: v for k, v in encoder.items() if not k.startswith(_ENCODER_DROPPED)}
-        for k, v in _mmseg_vit_converter()(encoder).items():
-            out['backbone.' + k] = v
-    other = [k for k in state_dict if not k.startswith(('encoder.', 'decoder.'))]
-    if other:
-        raise KeyError(f'convert_depict_segmenter: keys outside encoder./decoder.: {other}')
-    return out
+    ``EncoderDecoder`` (``backbone.*`` + ``decode_head.*``); a bare decoder state dict
+    converts to head keys without ``decode_head.`` (:func:`.segmenter.convert_segmenter`)."""
+    return convert_segmenter(state_dict, convert_depict, config, 'convert_depict_segmenter')

@@ -59,11 +59,12 @@ from mmcbsa.registry import SEG_MODELS
 from .cbt_decoder import (cbt_head_kwargs_from_reference, convert_cbt_decoder,
                           convert_cbt_segmenter, infer_cbt_decoder_config)
 from .checkpoint_io import ConversionError
-from .depict import (_ENCODER_DROPPED, convert_depict, convert_depict_segmenter,
+from .depict import (convert_depict, convert_depict_segmenter,
                      depict_head_kwargs_from_reference, infer_depict_config)
 from .mita_deit import convert_mita_deit, mita_deit_model_cfg
 from .primal_vit import (DEFAULT_RANK_MULTI, convert_primal_vit, infer_primal_vit_config,
                          primal_vit_model_cfg)
+from .segmenter import ENCODER_DROPPED
 from .timm_vit import infer_timm_vit_sizes, timm_block_indices
 from .white_box_vit import (convert_white_box_vit, infer_white_box_vit_config,
                             white_box_vit_model_cfg)
@@ -814,7 +815,7 @@ class SegmenterKind(Kind):
             out = _call(fn, sd, decoder, '', 'decode_head.')
         unused = {k: "Segmenter encoder's classification head (mmseg's ViT has none)"
                   for k in sd if k.startswith(_ENCODER)
-                  and k[len(_ENCODER):].startswith(_ENCODER_DROPPED)}
+                  and k[len(_ENCODER):].startswith(ENCODER_DROPPED)}
         return out, unused
 
     def _head_kwargs(self, sizes) -> dict:
