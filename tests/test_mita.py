@@ -482,9 +482,9 @@ def test_mita_kernel_falls_back_and_refuses(monkeypatch):
         mita_cpu.mita_forward(y[..., :90], 2, 16, (1, 4, 4, 2, 2), 4, False)
 
 
-def test_mita_kernel_compile_failure_is_a_warning(tmp_path):
-    """A compiler that fails (here ``false``) leaves a one-line warning and the
-    PyTorch paths; nothing is cached."""
+def _build_mita_in_fresh_process(**env):
+    """Build and run a MiTA in a new interpreter with ``env``; returns its two report lines:
+    ``'<kernel available> <number of warnings> <first warning>'`` and the output shape."""
     code = ('import warnings, torch\n'
             'from mmcbsa.ops import mita_cpu\n'
             'from mmcbsa.models.attentions.mita import MiTA\n'
@@ -493,11 +493,17 @@ def test_mita_kernel_compile_failure_is_a_warning(tmp_path):
             '    attn = MiTA(32, 2, num_landmarks=4, topk=5)\n'
             'print(mita_cpu.available(), len(w), str(w[0].message))\n'
             'print(attn(torch.randn(1, 17, 32), hw_shape=(4, 4)).shape)\n')
-    env = dict(os.environ, CC='false', MMCBSA_KERNEL_DIR=str(tmp_path / 'kernels'))
-    res = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run([sys.executable, '-c', code], env=dict(os.environ, **env),
+                         capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    first, second = res.stdout.strip().splitlines()[-2:]
+    return res.stdout.strip().splitlines()[-2:]
+
+
+def test_mita_kernel_compile_failure_is_a_warning(tmp_path):
+    """A compiler that fails (here ``false``) leaves a one-line warning and the
+    PyTorch paths; nothing is cached."""
+    first, second = _build_mita_in_fresh_process(CC='false',
+                                                 MMCBSA_KERNEL_DIR=str(tmp_path / 'kernels'))
     assert first.startswith('False 1 MiTA: CPU kernel unavailable') and 'false failed' in first
     assert second == 'torch.Size([1, 17, 32])'
     assert not list((tmp_path / 'kernels').glob('*.so'))
@@ -733,18 +739,7 @@ def test_refused_cache_is_one_warning_and_the_pytorch_paths(tmp_path):
     root = tmp_path / 'kernels'
     root.mkdir()
     root.chmod(0o777)
-    code = ('import warnings, torch\n'
-            'from mmcbsa.ops import mita_cpu\n'
-            'from mmcbsa.models.attentions.mita import MiTA\n'
-            'with warnings.catch_warnings(record=True) as w:\n'
-            '    warnings.simplefilter("always")\n'
-            '    attn = MiTA(32, 2, num_landmarks=4, topk=5)\n'
-            'print(mita_cpu.available(), len(w), str(w[0].message))\n'
-            'print(attn(torch.randn(1, 17, 32), hw_shape=(4, 4)).shape)\n')
-    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                         env=dict(os.environ, MMCBSA_KERNEL_DIR=str(root)), timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    first, second = res.stdout.strip().splitlines()[-2:]
+    first, second = _build_mita_in_fresh_process(MMCBSA_KERNEL_DIR=str(root))
     assert first.startswith('False 1 MiTA: CPU kernel unavailable (refused the kernel cache '
                             f'directory {root}: writable by other users (mode 0o777))')
     assert second == 'torch.Size([1, 17, 32])'
