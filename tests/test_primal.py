@@ -242,3 +242,30 @@ def test_primal_converters():
         primal_kwargs_from_reference(cfg)
     kw = primal_kwargs_from_reference(cfg, layer=3)
     assert kw['num_tokens_train'] == 197 and kw['low_rank'] == 20
+
+
+@pytest.mark.parametrize('num_samples', [1, 2, 3, 7, 17, 50, 151, 197])
+def test_traced_positions_equal_the_exact_ones(num_samples):
+    """Exported graphs compute the sample positions from a symbolic N with float64 tensor
+    operations (docs/deployment.md): equal to the exact integer rule (and so to ATen's
+    linspace) for every N up to 1,100, including N = 257, 513 and 1025 with n = 151, where
+    a plain float64 ``N - 1 - step·j`` (two roundings) picks another position."""
+    from mmcbsa.models.attentions.primal import linspace_positions, traced_linspace_positions
+    for n in range(num_samples, 1100):
+        expected = torch.tensor(linspace_positions(n, num_samples))
+        assert torch.equal(traced_linspace_positions(n, num_samples), expected), n
+
+
+def test_traced_positions_under_export():
+    """The positions follow the token count of each input of one exported program."""
+    from mmcbsa.models.attentions.primal import linspace_positions, sample_positions
+
+    class Positions(nn.Module):
+        def forward(self, x):
+            return sample_positions(x.shape[1], 5)
+
+    program = torch.export.export(Positions(), (torch.zeros(1, 40), ), strict=False,
+                                  dynamic_shapes={'x': {1: torch.export.Dim('n', min=5)}})
+    for n in (17, 40, 257):
+        got = program.module()(torch.zeros(1, n))
+        assert torch.equal(got, torch.tensor(linspace_positions(n, 5))), n

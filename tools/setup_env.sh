@@ -49,8 +49,8 @@ fi
 MMCV_WITH_OPS=1 CFLAGS="${CFLAGS:--O1 -g0}" CXXFLAGS="${CXXFLAGS:--O1 -g0}" \
   "${PIP[@]}" -q --no-build-isolation "${FIND_LINKS[@]}" "mmcv==2.1.0"
 
-echo "[setup] installing mmcbsa (editable) with test extras"
-"${PIP[@]}" -q --no-build-isolation -e ".[tests]"
-"$VPY" -c "import mmcv.ops, mmseg, mmpretrain, mmcbsa; print('[setup] ok: mmcv', mmcv.__version__, 'mmseg', mmseg.__version__, 'mmpretrain', mmpretrain.__version__)"
+echo "[setup] installing mmcbsa (editable) with the test and deploy (ONNX) extras"
+"${PIP[@]}" -q --no-build-isolation -e ".[tests,deploy]"
+"$VPY" -c "import mmcv.ops, mmseg, mmpretrain, mmcbsa, onnxruntime; print('[setup] ok: mmcv', mmcv.__version__, 'mmseg', mmseg.__version__, 'mmpretrain', mmpretrain.__version__)"
 rm -f "$VENV"/.mmcbsa-setup-*
 touch "$STAMP"

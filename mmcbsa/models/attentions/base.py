@@ -103,6 +103,22 @@ def is_compiling() -> bool:
     return torch._dynamo.is_compiling()  # pragma: no cover
 
 
+def is_exporting() -> bool:
+    """Whether the code is being traced by ``torch.export`` (and so by the ONNX
+    exporter, docs/deployment.md). Exported graphs keep no shape guards, so code on
+    this path must compute the same function for every input size: no branch on a
+    size, no compiled kernel, no ``int()`` of a size."""
+    compiler = getattr(torch, 'compiler', None)
+    return bool(compiler is not None and hasattr(compiler, 'is_exporting')
+                and compiler.is_exporting())
+
+
+def as_size(v) -> int:
+    """``int(v)``, except that a symbolic size (``torch.SymInt`` while exporting with
+    dynamic shapes) stays symbolic: ``int()`` would fix the graph to this input."""
+    return v if isinstance(v, torch.SymInt) else int(v)
+
+
 def check_hw_shape(x: Tensor, hw_shape: Optional[Sequence[int]], owner: str) -> Tuple[int, int]:
     """Validate ``hw_shape`` against the token count of ``x`` (``B, N, C``)."""
     return _check_hw(x.shape[1], hw_shape, owner)
@@ -112,7 +128,7 @@ def _check_hw(num_tokens: int, hw_shape: Optional[Sequence[int]],
               owner: str) -> Tuple[int, int]:
     if hw_shape is None:
         raise ValueError(f'{owner}: hw_shape=(h, w) of the patch grid is required')
-    h, w = int(hw_shape[0]), int(hw_shape[1])
+    h, w = as_size(hw_shape[0]), as_size(hw_shape[1])
     if h <= 0 or w <= 0 or h * w > num_tokens:
         raise ValueError(f'{owner}: hw_shape={tuple(hw_shape)} needs h*w <= N '
                          f'(N={num_tokens} tokens)')
@@ -155,6 +171,8 @@ def pool_grid_channels_last(img: Tensor, grid: Tuple[int, int]) -> Tensor:
     """
     b, h, w, c = img.shape
     s_h, s_w = grid
+    if is_exporting():
+        return adaptive_avg_pool2d_any(img, grid, channels_last=True)
     if h % s_h == 0 and w % s_w == 0:
         return img.unflatten(1, (s_h, h // s_h)).unflatten(3, (s_w, w // s_w)).mean((2, 4))
     return F.adaptive_avg_pool2d(img.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)
@@ -177,5 +195,38 @@ def pool_patch_tokens(t: Tensor, hw_shape: Optional[Sequence[int]], grid: Tuple[
     b, n, c = t.shape
     start, h, w = patch_span(n, hw_shape, legacy, owner)
     img = t[:, start:start + h * w].transpose(1, 2).reshape(b, c, h, w)
-    pooled = F.adaptive_avg_pool2d(img, grid)  # (B, C, s_h, s_w)
+    pooled = adaptive_avg_pool2d_any(img, grid)  # (B, C, s_h, s_w)
     return pooled.flatten(2).transpose(1, 2)
+
+
+def _bin_matrix(size, bins: int, like: Tensor) -> Tensor:
+    """``(bins, size)`` averaging weights of ``adaptive_avg_pool`` along one axis: row
+    ``i`` is ``1 / (e_i − s_i)`` on ``[s_i, e_i)``, ``s_i = ⌊i·size/bins⌋``,
+    ``e_i = ⌈(i+1)·size/bins⌉`` (PyTorch's bins), 0 elsewhere. Built from ``arange``
+    so that ``size`` may be symbolic."""
+    i = torch.arange(bins, device=like.device).unsqueeze(1)
+    j = torch.arange(size, device=like.device).unsqueeze(0)
+    start = torch.div(i * size, bins, rounding_mode='floor')
+    end = torch.div((i + 1) * size + bins - 1, bins, rounding_mode='floor')
+    inside = (j >= start) & (j < end)
+    return inside.to(like.dtype) / (end - start).to(like.dtype)
+
+
+def adaptive_avg_pool2d_any(img: Tensor, grid: Tuple[int, int],
+                            channels_last: bool = False) -> Tensor:
+    """``F.adaptive_avg_pool2d(img, grid)`` for any input size, written as two small
+    matrix products with the bin weights of :func:`_bin_matrix` (same bins, same
+    values up to summation order). Used while exporting (:func:`is_exporting`): the
+    graph then holds one computation for every height and width, where the pooling
+    kernel would be fixed to the traced size, and ONNX has no adaptive pooling.
+
+    ``img``: ``(..., h, w)`` -> ``(..., s_h, s_w)``; with ``channels_last``
+    ``(B, h, w, C)`` -> ``(B, s_h, s_w, C)``.
+    """
+    if channels_last:
+        return adaptive_avg_pool2d_any(img.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)
+    if not is_exporting():
+        return F.adaptive_avg_pool2d(img, grid)
+    rows = _bin_matrix(img.shape[-2], grid[0], img)  # (s_h, h)
+    cols = _bin_matrix(img.shape[-1], grid[1], img)  # (s_w, w)
+    return rows @ img @ cols.t()

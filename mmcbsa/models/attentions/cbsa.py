@@ -29,7 +29,8 @@ from torch import Tensor
 
 from mmcbsa.ops import cbsa_triton
 from mmcbsa.registry import register_model
-from .base import (GridLike, check_hw_shape, check_input_width, is_compiling, patch_span,
+from .base import (GridLike, adaptive_avg_pool2d_any, check_hw_shape, check_input_width,
+                   is_compiling, is_exporting, patch_span,
                    pool_grid_channels_last, resolve_head_dims, to_grid, warn_once)
 
 PATHS = ('auto', 'triton', 'torch')
@@ -167,7 +168,7 @@ class _GridPool:
 
     def __call__(self, w_t: Tensor) -> Tensor:
         g, p, _ = w_t.shape
-        return F.adaptive_avg_pool2d(self._patches(w_t), self.grid).view(g, p, -1)
+        return adaptive_avg_pool2d_any(self._patches(w_t), self.grid).view(g, p, -1)
 
     def token_major(self, w: Tensor) -> Tensor:
         """The same pooling of token-major ``w (B, N, C)`` -> ``(B, m, C)`` (plain
@@ -358,7 +359,8 @@ class CBSA(BaseModule):
         # Hand-written backward when training eagerly; the same math as plain ops when
         # tracing / scripting (FLOP counters, export) or without autograd.
         fused = (torch.is_grad_enabled() and not torch.jit.is_tracing()
-                 and not torch.jit.is_scripting() and not self.record_attention)
+                 and not torch.jit.is_scripting() and not is_exporting()
+                 and not self.record_attention)
         with torch.autocast(device_type=x.device.type, enabled=False):
             x, u = x.to(dtype), self.in_proj.weight.to(dtype)
             step_rep, step_x = self.step_rep.to(dtype), self.step_x.to(dtype)

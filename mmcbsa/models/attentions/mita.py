@@ -54,7 +54,8 @@ from torch import Tensor
 
 from mmcbsa.ops import mita_cpu
 from mmcbsa.registry import register_model
-from .base import (GridLike, check_hw_shape, check_input_width, check_positive, patch_span,
+from .base import (GridLike, adaptive_avg_pool2d_any, check_hw_shape, check_input_width,
+                   check_positive, is_exporting, patch_span,
                    resolve_head_dims, to_grid, warn_once)
 from .cbsa import _compute_dtype, _softmax, _softmax_backward
 
@@ -129,6 +130,9 @@ class _TokenPool:
         return t[:, self.start:self.start + self.h * self.w].unflatten(1, (self.h, self.w))
 
     def __call__(self, t: Tensor) -> Tensor:
+        if is_exporting():  # one graph for every grid size
+            return adaptive_avg_pool2d_any(self._patches(t), self.grid, channels_last=True
+                                           ).flatten(1, 2)
         img = self._patches(t).contiguous().permute(0, 3, 1, 2)  # channels last
         pooled = F.adaptive_avg_pool2d(img, self.grid)  # (G, p, s_h, s_w) channels last
         return pooled.permute(0, 2, 3, 1).reshape(t.shape[0], -1, t.shape[2])
@@ -704,7 +708,10 @@ class MiTA(BaseModule):
     def use_masked(self, x: Tensor) -> bool:
         """Whether this forward takes the masked path (:func:`_masked_core`): with
         ``path='masked'``, and with ``path='auto'`` for every CUDA input (one attention
-        call, no host synchronisation, no data-dependent shape)."""
+        call, no host synchronisation, no data-dependent shape), and with ``'auto'`` or
+        ``'kernel'`` while exporting (docs/deployment.md)."""
+        if self.path in ('auto', 'kernel') and is_exporting():
+            return True
         return self.path == 'masked' or (self.path == 'auto' and x.device.type == 'cuda')
 
     def use_kernel(self, x: Tensor, dtype: torch.dtype, routed_outside: bool) -> bool:
@@ -722,8 +729,8 @@ class MiTA(BaseModule):
             why = f'a CPU input (got {x.device.type})'
         elif dtype not in mita_cpu.DTYPES or routed_outside:
             why = f'float32 or float64 computation (got {dtype})'
-        elif torch.jit.is_tracing() or torch.jit.is_scripting():
-            why = 'eager or torch.compile execution (not TorchScript)'
+        elif torch.jit.is_tracing() or torch.jit.is_scripting() or is_exporting():
+            why = 'eager or torch.compile execution (not TorchScript or export)'
         elif not (mita_cpu.loaded() or (not torch.compiler.is_compiling()
                                         and mita_cpu.available())):
             why = f'the compiled kernel ({mita_cpu.unavailable_reason()})'

@@ -16,8 +16,8 @@ from mmengine.model import BaseModule
 from torch import Tensor
 
 from mmcbsa.registry import register_model
-from .base import (check_input_width, check_positive, is_compiling, merge_heads,
-                   resolve_head_dims)
+from .base import (check_input_width, check_positive, is_compiling, is_exporting,
+                   merge_heads, resolve_head_dims)
 
 
 def linspace_positions(num_tokens: int, num_samples: int) -> Tuple[int, ...]:
@@ -65,10 +65,46 @@ def sample_positions(num_tokens: int, num_samples: int, device=None) -> Tensor:
     eager code and folded into constants under ``torch.compile``. ``num_tokens`` may be
     a traced size (``torch.jit.trace``, as mmengine's FLOP counter traces): the positions
     are a constant of each traced size."""
+    if isinstance(num_tokens, torch.SymInt) and is_exporting():
+        return traced_linspace_positions(num_tokens, int(num_samples), device)
     num_tokens, num_samples = int(num_tokens), int(num_samples)
     positions = (linspace_positions(num_tokens, num_samples) if is_compiling()
                  else _cached_positions(num_tokens, num_samples))
     return torch.tensor(positions, dtype=torch.int64, device=device)
+
+
+def _two_product(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(p, e)`` with ``p = fl(a·b)`` and ``a·b = p + e`` exactly (float64, Dekker's
+    product with Veltkamp's split; no fused multiply-add needed)."""
+    def split(v):
+        c = v * 134217729.0  # 2**27 + 1
+        hi = c - (c - v)
+        return hi, v - hi
+    p = a * b
+    (ah, al), (bh, bl) = split(a), split(b)
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def traced_linspace_positions(num_tokens, num_samples: int, device=None) -> Tensor:
+    """:func:`linspace_positions` as tensor operations of a symbolic ``num_tokens``
+    (exported graphs, docs/deployment.md): the same float64 steps, and the one rounding
+    of ATen's fused ``N − 1 − step·j`` reproduced from the exact product
+    (:func:`_two_product`) and the exact difference (Knuth's two-sum). Equal to
+    :func:`linspace_positions` for every tested ``N`` and ``n`` (tests/test_primal.py).
+    """
+    f64 = dict(dtype=torch.float64, device=device)
+    i = torch.arange(num_samples, **f64)
+    if num_samples == 1:
+        return i.long()
+    last = torch.ones((), **f64) * (num_tokens - 1)
+    step = last / (num_samples - 1)
+    head = torch.trunc(step * i)  # i < n // 2
+    p, e = _two_product(step, (num_samples - 1) - i)
+    s = last - p  # two-sum: last - p = s + t exactly
+    bb = s - last
+    t = (last - (s - bb)) + (-p - bb)
+    tail = torch.trunc(s + (t - e))  # i >= n // 2
+    return torch.where(i < num_samples // 2, head, tail).long()
 
 
 @register_model()
@@ -167,7 +203,8 @@ class PrimalAttention(BaseModule):
         # §6.3 e = q̂ W_e, r = k̂ W_r; out_h = Linear_{2s→p}([e; r])
         e, r = torch.matmul(q, w_e), torch.matmul(k, w_r)  # (B, H, N, s)
         out = self.concat_proj(torch.cat((e, r), dim=-1))  # (B, H, N, p)
-        self.ksvd_loss = self.ksvd_terms(e, r)['loss_ksvd']
+        if not is_exporting():  # a training term: not part of a deployed graph
+            self.ksvd_loss = self.ksvd_terms(e, r)['loss_ksvd']
         return self.proj_drop(self.proj(merge_heads(out)))
 
 

@@ -49,7 +49,7 @@ from mmseg.models.backbones import VisionTransformer as SegVisionTransformer
 from torch import Tensor
 
 from mmcbsa.models.attentions.adapted_cbsa import AdaptedHeadsAttention
-from mmcbsa.models.attentions.base import GridLike, merge_heads, to_grid
+from mmcbsa.models.attentions.base import GridLike, as_size, merge_heads, to_grid
 from mmcbsa.registry import register_model
 
 OWNER = 'AdaptedVisionTransformer'
@@ -64,7 +64,7 @@ class PatchGrid:
         self.hw: Optional[Tuple[int, int]] = None
 
     def __call__(self, module: nn.Module, args, output) -> None:
-        self.hw = (int(output[1][0]), int(output[1][1]))
+        self.hw = (as_size(output[1][0]), as_size(output[1][1]))
 
 
 def resolve_adapt_layers(adapt_layers: Union[None, int, Sequence[int]],
