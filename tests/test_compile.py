@@ -141,7 +141,7 @@ def test_cbsa_compiled_graph_contains_the_hand_written_backward(kwargs):
                               if name.startswith('bwd_body'))
     if kwargs.get('rep_mode') != 'learned':  # _GridPool.backward_into
         assert '_adaptive_avg_pool2d_backward' in backward_code
-    assert '_softmax_backward_data' in backward_code  # _softmax_backward
+    assert '_softmax_backward_data' in backward_code  # softmax_backward
 
 
 # ------------------------------------------------------------ Primal-Attention's positions

@@ -67,7 +67,10 @@ def build_model(cfg: Config, checkpoint: Optional[str] = None,
     (``init_weights()`` after seeding with :func:`config_seed`), so two calls give the
     same untrained model; with it, :func:`mmcbsa.engine.weights.load_weights`: a
     checkpoint that does not fit the model (missing, unexpected or mis-shaped tensors)
-    is refused with a ``ValueError`` unless ``allow_partial``.
+    is refused with a ``ValueError`` unless ``allow_partial``. A checkpoint that fits
+    replaces every tensor, so ``init_weights()`` (and the pretrained download an
+    ``init_cfg`` may ask for) is skipped, as in mmseg's ``init_model``; with
+    ``allow_partial`` the tensors it lacks keep the config's initialisation.
 
     Args:
         cfg: an mmseg or mmpretrain config.
@@ -78,13 +81,16 @@ def build_model(cfg: Config, checkpoint: Optional[str] = None,
     init_default_scope(cfg.get('default_scope', 'mmseg'))
     set_random_seed(config_seed(cfg))
     model = MODELS.build(copy.deepcopy(cfg.model))
-    logger = MMLogger.get_current_instance()
-    level = logger.level
-    logger.setLevel(logging.WARNING)  # init_weights reports every tensor at INFO level
-    try:
-        model.init_weights()
-    finally:
-        logger.setLevel(level)
+    if checkpoint is None or allow_partial:
+        # with a checkpoint that must fit, every tensor is overwritten: no initialisation
+        # (as mmseg's init_model), so no pretrained download of the config's init_cfg
+        logger = MMLogger.get_current_instance()
+        level = logger.level
+        logger.setLevel(logging.WARNING)  # init_weights reports every tensor at INFO level
+        try:
+            model.init_weights()
+        finally:
+            logger.setLevel(level)
     if checkpoint is not None:
         load_weights(model, checkpoint, allow_partial)
     return model.to(resolve_device(device)).eval()

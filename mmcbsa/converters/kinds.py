@@ -54,7 +54,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from mmcbsa.models.backbones.white_box_vit import WhiteBoxViT, _merge_attn
+from mmcbsa.models.backbones.white_box_vit import WhiteBoxViT, merge_cfg
 from mmcbsa.registry import SEG_MODELS
 from .cbt_decoder import (cbt_head_kwargs_from_reference, convert_cbt_decoder,
                           convert_cbt_segmenter, infer_cbt_decoder_config)
@@ -382,7 +382,7 @@ def _whitebox_overrides(cand: Mapping, full: Mapping,
         return None
     # the arch as WhiteBoxViT resolves it (zoo name or dict, ``base`` included)
     try:
-        settings = WhiteBoxViT._resolve_arch(bb.get('arch', _default(WhiteBoxViT, 'arch')))
+        settings = WhiteBoxViT.resolve_arch(bb.get('arch', _default(WhiteBoxViT, 'arch')))
     except (ValueError, TypeError):
         return None
     farch = fbb['arch']
@@ -397,7 +397,7 @@ def _whitebox_overrides(cand: Mapping, full: Mapping,
     bb_over: Dict[str, Any] = {}
     for key in ('attn_cfg', 'tail_attn_cfg'):
         want = farch.get(key)
-        have = _merge_attn(settings.get(key), bb.get(key))
+        have = merge_cfg(settings.get(key), bb.get(key))
         if want is None or have is None:
             if (want is None and have is None) or (key == 'tail_attn_cfg' and not n_tail):
                 continue

@@ -9,8 +9,8 @@ The graph takes the normalised image batch ``input (B, 3, H, W)`` and returns
 Examples::
 
     python tools/deployment/pytorch2onnx.py \\
-        configs/cbt/cbt-head_vit-tiny-p8_1xb8-300it_mini-ade20k-128x128.py \\
-        work_dirs/quickstart/iter_300.pth --out work_dirs/quickstart/cbt_head.onnx \\
+        configs/depict/depict-sa_vit-tiny-p8_1xb8-300it_mini-ade20k-128x128.py \\
+        work_dirs/quickstart/iter_300.pth --out work_dirs/quickstart/depict_sa.onnx \\
         --dynamic-shape --verify
     python tools/deployment/pytorch2onnx.py CONFIG CKPT --out model.onnx \\
         --shape 1024 2048 --benchmark 10

@@ -30,8 +30,7 @@ from torch import Tensor
 
 from mmcbsa.registry import register_model
 from .base import (GridLike, check_input_width, merge_heads, patch_span, pool_patch_tokens,
-                   resolve_head_dims, split_heads, to_grid, warn_once)
-from .cbsa import _softmax
+                   resolve_head_dims, softmax_fp32, split_heads, to_grid, warn_once)
 
 Weights = Tuple[Tensor, Tensor]
 
@@ -81,9 +80,9 @@ def adapted_cbsa_attention(q: Tensor, k: Tensor, v: Tensor,
     if not return_weights:
         delta = F.scaled_dot_product_attention(reps, k, v, dropout_p=dropout_p, scale=scale)
         return F.scaled_dot_product_attention(q, reps, delta, scale=scale), None
-    contract = _softmax(torch.matmul(reps, k.transpose(-2, -1)) * scale)  # (B, H, m, N)
+    contract = softmax_fp32(torch.matmul(reps, k.transpose(-2, -1)) * scale)  # (B, H, m, N)
     delta = torch.matmul(F.dropout(contract, dropout_p) if dropout_p > 0 else contract, v)
-    broadcast = _softmax(torch.matmul(q, reps.transpose(-2, -1)) * scale)  # (B, H, N, m)
+    broadcast = softmax_fp32(torch.matmul(q, reps.transpose(-2, -1)) * scale)  # (B, H, N, m)
     return torch.matmul(broadcast, delta), (contract, broadcast)
 
 

@@ -230,3 +230,39 @@ def adaptive_avg_pool2d_any(img: Tensor, grid: Tuple[int, int],
     rows = _bin_matrix(img.shape[-2], grid[0], img)  # (s_h, h)
     cols = _bin_matrix(img.shape[-1], grid[1], img)  # (s_w, w)
     return rows @ img @ cols.t()
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype autocast would run matrix products in, else ``x.dtype``."""
+    dev = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(dev)
+    except TypeError:  # torch < 2.4
+        enabled = (torch.is_autocast_cpu_enabled() if dev == 'cpu'
+                   else torch.is_autocast_enabled())
+    if not enabled:
+        return x.dtype
+    if hasattr(torch, 'get_autocast_dtype'):
+        return torch.get_autocast_dtype(dev)
+    return (torch.get_autocast_cpu_dtype() if dev == 'cpu'
+            else torch.get_autocast_gpu_dtype())
+
+
+def softmax_fp32(t: Tensor) -> Tensor:
+    """Softmax over the last axis with float32 (or better) statistics."""
+    acc = torch.promote_types(t.dtype, torch.float32)
+    return torch.softmax(t, dim=-1, dtype=acc).to(t.dtype)
+
+
+def softmax_backward(grad: Tensor, out: Tensor) -> Tensor:
+    """``out ⊙ (grad − Σ_last grad ⊙ out)`` (gradient of the softmax input).
+
+    May overwrite ``grad`` (callers pass a buffer they own)."""
+    if out.dtype in (torch.float32, torch.float64):
+        if hasattr(torch, '_softmax_backward_data'):  # one fused kernel
+            return torch._softmax_backward_data(grad, out, -1, out.dtype)
+        dot = torch.linalg.vecdot(grad, out, dim=-1).unsqueeze(-1)
+        return grad.sub_(dot).mul_(out)
+    g, o = grad.float(), out.float()
+    g = g - torch.linalg.vecdot(g, o, dim=-1).unsqueeze(-1)
+    return g.mul_(o).to(out.dtype)

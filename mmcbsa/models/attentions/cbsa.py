@@ -30,46 +30,11 @@ from torch import Tensor
 from mmcbsa.ops import cbsa_triton
 from mmcbsa.registry import register_model
 from .base import (GridLike, adaptive_avg_pool2d_any, check_hw_shape, check_input_width,
-                   is_compiling, is_exporting, patch_span,
-                   pool_grid_channels_last, resolve_head_dims, to_grid, warn_once)
+                   compute_dtype, is_compiling, is_exporting, patch_span,
+                   pool_grid_channels_last, resolve_head_dims, softmax_backward, softmax_fp32,
+                   to_grid, warn_once)
 
 PATHS = ('auto', 'triton', 'torch')
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype autocast would run matrix products in, else ``x.dtype``."""
-    dev = x.device.type
-    try:
-        enabled = torch.is_autocast_enabled(dev)
-    except TypeError:  # torch < 2.4
-        enabled = (torch.is_autocast_cpu_enabled() if dev == 'cpu'
-                   else torch.is_autocast_enabled())
-    if not enabled:
-        return x.dtype
-    if hasattr(torch, 'get_autocast_dtype'):
-        return torch.get_autocast_dtype(dev)
-    return (torch.get_autocast_cpu_dtype() if dev == 'cpu'
-            else torch.get_autocast_gpu_dtype())
-
-
-def _softmax(t: Tensor) -> Tensor:
-    """Softmax over the last axis with float32 (or better) statistics."""
-    acc = torch.promote_types(t.dtype, torch.float32)
-    return torch.softmax(t, dim=-1, dtype=acc).to(t.dtype)
-
-
-def _softmax_backward(grad: Tensor, out: Tensor) -> Tensor:
-    """``out ⊙ (grad − Σ_last grad ⊙ out)`` (gradient of the softmax input).
-
-    May overwrite ``grad`` (callers pass a buffer they own)."""
-    if out.dtype in (torch.float32, torch.float64):
-        if hasattr(torch, '_softmax_backward_data'):  # one fused kernel
-            return torch._softmax_backward_data(grad, out, -1, out.dtype)
-        dot = torch.linalg.vecdot(grad, out, dim=-1).unsqueeze(-1)
-        return grad.sub_(dot).mul_(out)
-    g, o = grad.float(), out.float()
-    g = g - torch.linalg.vecdot(g, o, dim=-1).unsqueeze(-1)
-    return g.mul_(o).to(out.dtype)
 
 
 def _linear_channels_first(x: Tensor, weight: Tensor) -> Tensor:
@@ -89,11 +54,11 @@ def _contract_broadcast(w_t: Tensor, r0_t: Tensor, a_rep: Tensor, a_x: Tensor,
     step sizes ``(G, 1, 1)``. Returns ``o_t (G, p, N)`` and the intermediates the
     backward needs: ``A (G, m, N)``, ``(A w)ᵀ``, ``Rᵀ``, ``Q (G, m, m)``, ``Δᵀ``."""
     # §1.3 extract: A = softmax_tokens(R0 wᵀ / √p);  Rᵀ = R0ᵀ + α_rep (A w)ᵀ
-    attn = _softmax(torch.bmm(r0_t.transpose(1, 2) * scale, w_t))
+    attn = softmax_fp32(torch.bmm(r0_t.transpose(1, 2) * scale, w_t))
     aw_t = torch.bmm(w_t, attn.transpose(1, 2))  # (G, p, m)
     reps_t = torch.addcmul(r0_t, a_rep, aw_t)
     # §1.4 contract: Δ = softmax(R Rᵀ / √p) R  ->  Δᵀ = Rᵀ Qᵀ   (m × m, cheap)
-    q = _softmax(torch.bmm(reps_t.transpose(1, 2), reps_t) * scale)
+    q = softmax_fp32(torch.bmm(reps_t.transpose(1, 2), reps_t) * scale)
     delta_t = torch.bmm(reps_t, q.transpose(1, 2))  # (G, p, m)
     # §1.5 broadcast: oᵀ = (α_x Δ)ᵀ A
     out_t = torch.bmm(delta_t * a_x, attn)
@@ -217,7 +182,7 @@ class _ContractBroadcast(torch.autograd.Function):
         # contract: Δ = Q R, Q = softmax(scale · R Rᵀ)
         grad_q = torch.bmm(grad_delta_t.transpose(1, 2), reps_t)  # (G, m, m)
         grad_reps_t = torch.bmm(grad_delta_t, q)  # (G, p, m)
-        grad_logits = _softmax_backward(grad_q, q) * scale
+        grad_logits = softmax_backward(grad_q, q) * scale
         grad_reps_t = torch.baddbmm(grad_reps_t, reps_t,
                                     grad_logits + grad_logits.transpose(1, 2))
         # Rᵀ = R0ᵀ + α_rep (A w)ᵀ
@@ -226,7 +191,7 @@ class _ContractBroadcast(torch.autograd.Function):
         grad_w_t = torch.bmm(grad_aw_t, attn)  # (G, p, N)
         grad_attn.baddbmm_(grad_aw_t.transpose(1, 2), w_t)
         # extract: A = softmax(scale · R0 wᵀ)
-        grad_s = _softmax_backward(grad_attn, attn)
+        grad_s = softmax_backward(grad_attn, attn)
         grad_r0_t = torch.baddbmm(grad_reps_t, w_t, grad_s.transpose(1, 2), alpha=scale)
         grad_w_t.baddbmm_(r0_t, grad_s, alpha=scale)
         if ctx.pool is not None:
@@ -347,7 +312,7 @@ class CBSA(BaseModule):
         check_input_width(x, self.embed_dims, 'CBSA')
         b, n, _ = x.shape
         heads, p = self.num_heads, self.head_dims
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         pool, r0_t = None, None
         if self.rep_mode == 'pool':
             pool = self._pooler(x, hw_shape)

@@ -66,7 +66,7 @@ def _zoo(names: Sequence[str], family: dict, sizes: dict) -> dict:
     return {name: dict(copy.deepcopy(family), **sizes) for name in names}
 
 
-def _merge_attn(base: Optional[dict], new: Optional[dict]) -> Optional[dict]:
+def merge_cfg(base: Optional[dict], new: Optional[dict]) -> Optional[dict]:
     """``new`` on top of ``base``; a different ``type`` replaces ``base`` entirely
     (keyword arguments of one attention do not apply to another)."""
     if new is None:
@@ -172,7 +172,7 @@ class WhiteBoxViT(BaseModule):
                  interpolate_mode: str = 'bicubic', patch_cfg: Optional[dict] = None,
                  norm_cfg: Optional[dict] = None, init_cfg=None) -> None:
         super().__init__(init_cfg=init_cfg)
-        self.arch_settings = self._resolve_arch(arch)
+        self.arch_settings = self.resolve_arch(arch)
         s = self.arch_settings
         self.embed_dims = s['embed_dims']
         self.num_layers = s['num_layers']
@@ -224,7 +224,7 @@ class WhiteBoxViT(BaseModule):
             self._fill_train_tokens(cfg, num_patches + self.num_extra_tokens)
         base_ffn = copy.deepcopy(s.get('ffn_cfg', dict(type='ISTA')))
         if ffn_cfg is not None:
-            base_ffn = _merge_attn(base_ffn, ffn_cfg)
+            base_ffn = merge_cfg(base_ffn, ffn_cfg)
         if base_ffn['type'] in ('FFN', 'mmcv.FFN'):
             base_ffn.setdefault('feedforward_channels',
                                 int(s.get('mlp_ratio', 4) * self.embed_dims))
@@ -242,9 +242,9 @@ class WhiteBoxViT(BaseModule):
                        norm_cfg=copy.deepcopy(norm_cfg))
             extra = dict(layer_cfgs[i])
             if 'attn_cfg' in extra:
-                cfg['attn_cfg'] = _merge_attn(cfg['attn_cfg'], extra.pop('attn_cfg'))
+                cfg['attn_cfg'] = merge_cfg(cfg['attn_cfg'], extra.pop('attn_cfg'))
             if 'ffn_cfg' in extra:
-                cfg['ffn_cfg'] = _merge_attn(cfg['ffn_cfg'], extra.pop('ffn_cfg'))
+                cfg['ffn_cfg'] = merge_cfg(cfg['ffn_cfg'], extra.pop('ffn_cfg'))
             cfg.update(extra)
             layers.append(WhiteBoxBlock(**cfg))
         self.layers = nn.ModuleList(layers)
@@ -266,7 +266,7 @@ class WhiteBoxViT(BaseModule):
 
     # construction helpers ---------------------------------------------------------
     @classmethod
-    def _resolve_arch(cls, arch: Union[str, dict]) -> dict:
+    def resolve_arch(cls, arch: Union[str, dict]) -> dict:
         if isinstance(arch, str):
             key = arch.lower()
             if key not in cls.arch_zoo:
@@ -275,9 +275,9 @@ class WhiteBoxViT(BaseModule):
             return copy.deepcopy(cls.arch_zoo[key])
         arch = copy.deepcopy(dict(arch))
         base = arch.pop('base', None)
-        settings = cls._resolve_arch(base) if base is not None else {}
+        settings = cls.resolve_arch(base) if base is not None else {}
         if 'attn_cfg' in arch and 'attn_cfg' in settings:
-            arch['attn_cfg'] = _merge_attn(settings['attn_cfg'], arch['attn_cfg'])
+            arch['attn_cfg'] = merge_cfg(settings['attn_cfg'], arch['attn_cfg'])
         settings.update(arch)
         for key in ('embed_dims', 'num_layers', 'num_heads'):
             value = settings.get(key)
@@ -289,8 +289,8 @@ class WhiteBoxViT(BaseModule):
     def _layer_attn_cfgs(self, attn_cfg, tail_attn_cfg, num_tail_layers,
                          attn_cfg_override) -> List[dict]:
         s, depth = self.arch_settings, self.num_layers
-        base = _merge_attn(s.get('attn_cfg', dict(type='CBSA')), attn_cfg)
-        tail = _merge_attn(s.get('tail_attn_cfg'), tail_attn_cfg)
+        base = merge_cfg(s.get('attn_cfg', dict(type='CBSA')), attn_cfg)
+        tail = merge_cfg(s.get('tail_attn_cfg'), tail_attn_cfg)
         n_tail = s.get('num_tail_layers', 0) if num_tail_layers is None else num_tail_layers
         if isinstance(n_tail, bool) or not isinstance(n_tail, int) or not 0 <= n_tail <= depth:
             raise ValueError(f'WhiteBoxViT: num_tail_layers must be an integer in '
@@ -299,7 +299,7 @@ class WhiteBoxViT(BaseModule):
             raise ValueError('WhiteBoxViT: num_tail_layers > 0 needs tail_attn_cfg')
         cfgs = [copy.deepcopy(base) for _ in range(depth)]
         for i in range(depth - n_tail, depth):
-            cfgs[i] = _merge_attn(base, tail)
+            cfgs[i] = merge_cfg(base, tail)
         overrides = dict(s.get('attn_cfg_override') or {})
         overrides.update(attn_cfg_override or {})
         for key, cfg in overrides.items():
@@ -312,7 +312,7 @@ class WhiteBoxViT(BaseModule):
             if not 0 <= j < depth:
                 raise ValueError(f'WhiteBoxViT: attn_cfg_override index {idx} is out of '
                                  f'range for num_layers={depth}')
-            cfgs[j] = _merge_attn(cfgs[j], cfg)
+            cfgs[j] = merge_cfg(cfgs[j], cfg)
         return cfgs
 
     @staticmethod
