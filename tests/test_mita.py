@@ -260,32 +260,46 @@ def test_mita_block_size_and_chunking_do_not_change_results(max_blocks):
 
 
 # --------------------------------------------------------------------------- precision
-def _token_drift(attn, x, hw):
-    """99th percentile over tokens of ‖y_bf16 − y_fp32‖ / ‖y_fp32‖ and the routing of
-    both runs."""
-    attn.record_attention = True
+def _token_drift(attn, x, hw, monkeypatch):
+    """99th percentile over tokens of ‖y_bf16 − y_fp32‖ / ‖y_fp32‖, the float32 model's
+    routing (``attention_maps``) and the decisions the bf16 forward itself took (its one
+    call of ``route``, recorded here)."""
+    from mmcbsa.models.attentions import mita as mita_module
+    decided = []
+    real = mita_module.route
+
+    def recording_route(*args, **kwargs):
+        decided.append(real(*args, **kwargs))
+        return decided[-1]
+
+    monkeypatch.setattr(mita_module, 'route', recording_route)
     with torch.no_grad():
         ref = attn(x, hw_shape=hw)
-        routing = (attn.last_expert, attn.last_routed_keys)
+        maps = attn.attention_maps(x, hw_shape=hw)
+        decided.clear()
         with torch.autocast('cpu', dtype=torch.bfloat16):
             out = attn(x, hw_shape=hw)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == torch.bfloat16 and len(decided) == 1
     err = (out.float() - ref).norm(dim=-1) / ref.norm(dim=-1)
-    return torch.quantile(err.flatten(), 0.99).item(), routing, (attn.last_expert,
-                                                                   attn.last_routed_keys)
+    key_idx, expert = decided[0]
+    b, n, _ = x.shape
+    routing16 = (expert.view(b, attn.num_heads, n),
+                 key_idx.view(b, attn.num_heads, attn.num_landmarks, -1))
+    return (torch.quantile(err.flatten(), 0.99).item(),
+            (maps['expert'], maps['routed_keys']), routing16)
 
 
 @pytest.mark.parametrize('hw', [(16, 16), (12, 20)])
 @pytest.mark.parametrize('variant', [dict(), dict(dwc=True, gate=True), dict(mode='routed',
                                                                              topk=50),
                                      dict(path='grouped')])
-def test_mita_bf16_autocast_routes_like_float32(hw, variant):
+def test_mita_bf16_autocast_routes_like_float32(hw, variant, monkeypatch):
     """§5b: routing in float32 under autocast. Before, the 99th percentile of the
     per-token relative error was ≈ 0.4 (routing flipped on bf16 near-ties)."""
     torch.manual_seed(4)
     attn = MiTA(192, 3, **variant).eval()  # default init: a realistic scale
     x = torch.randn(2, 1 + hw[0] * hw[1], 192)
-    p99, routing32, routing16 = _token_drift(attn, x, hw)
+    p99, routing32, routing16 = _token_drift(attn, x, hw, monkeypatch)
     assert p99 < 0.05
     expert32, keys32 = routing32
     expert16, keys16 = routing16
@@ -322,12 +336,13 @@ def test_mita_fewer_tokens_than_topk_routes_to_all_keys(monkeypatch):
     check the values)."""
     monkeypatch.setattr(once, '_WARNED', set())
     attn = MiTA(48, 3, num_landmarks=49, topk=49)
-    attn.record_attention = True
+    x = torch.randn(2, 2, 48)
     with pytest.warns(UserWarning, match='49 landmarks'):
-        out = attn(torch.randn(2, 2, 48), hw_shape=(1, 1))  # N = 2 tokens
+        out = attn(x, hw_shape=(1, 1))  # N = 2 tokens
     assert out.shape == (2, 2, 48) and torch.isfinite(out).all()
-    assert attn.last_routed_keys.shape == (2, 3, 49, 2)
-    assert (attn.last_routed_keys.sort(-1).values == torch.arange(2)).all()
+    keys = attn.attention_maps(x, hw_shape=(1, 1))['routed_keys']
+    assert keys.shape == (2, 3, 49, 2)
+    assert (keys.sort(-1).values == torch.arange(2)).all()
 
 
 def test_mita_warns_once_about_more_landmarks_than_patches(monkeypatch):
@@ -341,21 +356,18 @@ def test_mita_warns_once_about_more_landmarks_than_patches(monkeypatch):
         attn(torch.randn(1, 13, 24), hw_shape=(3, 4))  # only once
 
 
-def test_mita_recording():
+def test_mita_attention_maps():
+    """``attention_maps`` is a function of the input (no state in the module): the
+    routing of §5.2/§5.4, recomputed here from the projections."""
     torch.manual_seed(5)
     attn = MiTA(24, 2, num_landmarks=(2, 3), topk=5)
-    x = torch.randn(2, 1 + 4 * 5, 24)
-    attn(x, hw_shape=(4, 5))
-    assert attn.last_expert is None  # off by default
-    attn.record_attention = True
-    for exec_path in ('dense', 'grouped'):
-        attn.path = exec_path
-        attn(x, hw_shape=(4, 5))
-        assert attn.last_expert.shape == (2, 2, 21) and attn.last_expert.dtype == torch.long
-        assert attn.last_routed_keys.shape == (2, 2, 6, 5)
-        assert attn.last_hw_shape == (4, 5)
-        assert not attn.last_expert.requires_grad
-        # the recorded decisions, recomputed here: experts of the CLS token and top-k keys
+    x = torch.randn(2, 1 + 4 * 5, 24, requires_grad=True)
+    for _ in range(2):  # the same maps twice: nothing is kept between calls
+        maps = attn.attention_maps(x, hw_shape=(4, 5))
+        expert, keys = maps['expert'], maps['routed_keys']
+        assert expert.shape == (2, 2, 21) and expert.dtype == torch.long
+        assert keys.shape == (2, 2, 6, 5)
+        assert not expert.requires_grad and set(vars(attn)) == set(vars(MiTA(24, 2)))
         with torch.no_grad():
             q, k = (x @ attn.qkv.weight.T + attn.qkv.bias)[..., :48].split(24, -1)
             img = q[:, 1:].reshape(2, 4, 5, 24).permute(0, 3, 1, 2)
@@ -363,10 +375,9 @@ def test_mita_recording():
             for h in range(2):
                 r, qh, kh = lm[:, h * 12:(h + 1) * 12], q[..., h * 12:(h + 1) * 12], \
                     k[..., h * 12:(h + 1) * 12]
-                assert torch.equal(attn.last_expert[:, h], (qh @ r).argmax(-1))
+                assert torch.equal(expert[:, h], (qh @ r).argmax(-1))
                 top = (r.transpose(1, 2) @ kh.transpose(1, 2)).topk(5, -1).indices
-                assert torch.equal(attn.last_routed_keys[:, h].sort(-1).values,
-                                   top.sort(-1).values)
+                assert torch.equal(keys[:, h].sort(-1).values, top.sort(-1).values)
 
 
 # --------------------------------------------------------------------------- torch.compile
@@ -430,18 +441,17 @@ def test_mita_kernel_float64_matches_other_paths_at_large_n():
 
 
 def test_mita_kernel_ties_threads_and_records():
-    """Equal tokens (every routing score tied): the kernel picks ``k'`` distinct keys and
-    gives the dense path's output; the result does not depend on the thread count; the
-    recorded routing has the documented shapes and is a valid set of keys."""
+    """Equal tokens (every routing score tied): the kernel gives the dense path's output;
+    the result does not depend on the thread count; the routing of ``attention_maps``
+    has the documented shapes and is a valid set of ``k'`` distinct keys."""
     attn = MiTA(32, 2, num_landmarks=4, topk=6, path='kernel')
     dense = MiTA(32, 2, num_landmarks=4, topk=6, path='dense')
     dense.load_state_dict(attn.state_dict())
     x = torch.randn(1, 1, 32).expand(2, 1 + 5 * 5, 32).contiguous()
-    attn.record_attention = True
     with torch.no_grad():
         out = attn(x, hw_shape=(5, 5))
         assert torch.allclose(out, dense(x, hw_shape=(5, 5)), atol=1e-6)
-    keys = attn.last_routed_keys
+    keys = attn.attention_maps(x, hw_shape=(5, 5))['routed_keys']
     assert keys.shape == (2, 2, 4, 6)
     assert all(len(set(row.tolist())) == 6 for row in keys.reshape(-1, 6))
     torch.manual_seed(9)

@@ -36,6 +36,7 @@ from mmseg.registry import MODELS as SEG_MODELS
 from torch.func import functional_call
 
 import mmcbsa  # noqa: F401  (registers the modules)
+from mmcbsa.models.attentions.base import merge_heads, split_heads  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ADAPT_DIR = REPO / 'configs' / 'vit_adapt'
@@ -125,15 +126,16 @@ def test_matches_hand_written_reference(hw, prefix, num_reps, legacy):
     y_ref, contract, broadcast = module_ref(model, x, hw, legacy)
     with torch.no_grad():
         y = model(x, hw_shape=hw)  # SDPA path
-        model.record_attention = True
-        y_rec = model(x, hw_shape=hw)  # explicit path
+    maps = model.attention_maps(x, hw_shape=hw)  # explicit weights
     assert (y - y_ref).abs().max() <= 1e-5
-    assert (y_rec - y_ref).abs().max() <= 1e-5
-    assert model.last_attention.shape == contract.shape  # (B, H, m, N)
-    assert model.last_broadcast.shape == broadcast.shape  # (B, H, N, m)
-    assert (model.last_attention - contract).abs().max() <= 1e-6
-    assert (model.last_broadcast - broadcast).abs().max() <= 1e-6
-    assert model.last_hw_shape == hw
+    assert maps['attention'].shape == contract.shape  # (B, H, m, N)
+    assert maps['broadcast'].shape == broadcast.shape  # (B, H, N, m)
+    assert (maps['attention'] - contract).abs().max() <= 1e-6
+    assert (maps['broadcast'] - broadcast).abs().max() <= 1e-6
+    # the explicit weights applied to the values give the forward's output
+    v = split_heads(x @ model.qkv.weight[24:].t() + model.qkv.bias[24:], 3)
+    y_explicit = model.proj(merge_heads(maps['broadcast'] @ (maps['attention'] @ v)))
+    assert (y_explicit - y_ref).abs().max() <= 1e-5
 
 
 def test_gradients_match_reference():
@@ -177,18 +179,17 @@ def test_bf16_autocast_keeps_float32_statistics():
     x = torch.randn(2, 1 + 6 * 7, 32, requires_grad=True)
     with torch.no_grad():
         y32 = model(x, hw_shape=(6, 7))
-    for record in (False, True):
-        model.record_attention = record
-        with torch.autocast('cpu', dtype=torch.bfloat16):
-            y = model(x, hw_shape=(6, 7))
-        assert (y.float() - y32).abs().max() <= 0.05 * y32.abs().max() + 1e-3
-        y.float().sum().backward()
-        assert torch.isfinite(x.grad).all()
-        for name, p in model.named_parameters():
-            assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    # recorded weights: softmax rows sum to one (to bf16 precision)
-    assert (model.last_attention.float().sum(-1) - 1).abs().max() <= 1e-2
-    assert (model.last_broadcast.float().sum(-1) - 1).abs().max() <= 1e-2
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = model(x, hw_shape=(6, 7))
+        maps = model.attention_maps(x, hw_shape=(6, 7))
+    assert (y.float() - y32).abs().max() <= 0.05 * y32.abs().max() + 1e-3
+    y.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # the explicit weights: softmax rows sum to one (to bf16 precision)
+    assert (maps['attention'].float().sum(-1) - 1).abs().max() <= 1e-2
+    assert (maps['broadcast'].float().sum(-1) - 1).abs().max() <= 1e-2
 
 
 @pytest.mark.parametrize('path', fixture_params('adapted_vit'))
@@ -432,16 +433,19 @@ def test_bad_adapt_arguments(build):
         build(adapt_cfg=dict(legacy_pooling=True), **no_cls)
 
 
-def test_recording_through_the_backbone():
+def test_attention_maps_through_the_backbone():
+    """The mmseg core's maps for the arguments of its call, on the backbone's grid."""
     model = seg_vit(adapt_cfg=dict(num_reps=(2, 3)))
     model.eval()  # mmseg's ViT.train() returns None: no chaining
     core = model.layers[1].attn.attn
-    core.record_attention = True
+    seen = {}
+    core.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(args=args, kwargs=kwargs), with_kwargs=True)
     with torch.no_grad():
         model(torch.randn(1, 3, 96, 128))
-    assert core.last_attention.shape == (1, 2, 6, 1 + 6 * 8)
-    assert core.last_broadcast.shape == (1, 2, 1 + 6 * 8, 6)
-    assert core.last_hw_shape == (6, 8)
+    maps = core.attention_maps(*seen['args'], **seen['kwargs'])
+    assert maps['attention'].shape == (1, 2, 6, 1 + 6 * 8)  # grid 6x8 from the backbone
+    assert maps['broadcast'].shape == (1, 2, 1 + 6 * 8, 6)
 
 
 @pytest.mark.parametrize('build', [pretrain_vit, seg_vit], ids=['mmpretrain', 'mmseg'])

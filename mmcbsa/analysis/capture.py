@@ -1,15 +1,16 @@
 """Look inside a model in one forward pass, without editing it (docs/mechanisms.md §9).
 
 :class:`AttentionCapture` attaches forward hooks to every attention module it knows
-and switches on their recording (``record_attention``, where the module has it). After
-one forward pass it holds, per attention call (in call order):
+and, after each call, asks the module for its maps (``module.attention_maps(...)`` with
+the arguments of that call: a plain function of the inputs; the models keep no
+recording state). After one forward pass it holds, per attention call (in call order):
 
 * the **attention input projection** ``(B, N, H·p)`` used for the coding rate;
 * the **attention maps** of docs/mechanisms.md §9 on the patch grid;
 
 and, per ISTA call, its **output** (for the sparsity). Nothing in the models is
-re-implemented: the maps are read from what the modules record, or, for attentions
-that record nothing (mmseg / mmpretrain ViTs), are the definition of their map
+re-implemented: the maps are what the modules' ``attention_maps`` return, or, for
+attentions without one (mmseg / mmpretrain ViTs), are the definition of their map
 (``softmax(q kᵀ/√p)``, query row) applied to the captured ``q, k``.
 
 What "attention input projection" means per mechanism (the features whose coding rate
@@ -259,9 +260,16 @@ def _torch_mha_value(call: _Call) -> Tensor:
 # ----------------------------------------------------------------------------------------
 
 
-def _recorded_softmax_maps(call: _Call) -> Dict[str, Tensor]:
-    """MSSA / MHSA: the recorded ``(B, H, N, L)`` softmax, query row (self-attention)."""
-    attn = call.module.last_attention
+def _own_maps(call: _Call) -> Dict[str, Tensor]:
+    """``module.attention_maps(...)`` with the arguments of the call (mmcbsa's
+    attentions; ``{}`` for modules without it)."""
+    fn = getattr(call.module, 'attention_maps', None)
+    return {} if fn is None else fn(*call.args, **call.kwargs)
+
+
+def _softmax_maps(call: _Call) -> Dict[str, Tensor]:
+    """MSSA / MHSA: their ``(B, H, N, L)`` softmax, query row (self-attention)."""
+    attn = _own_maps(call).get('attention')
     if attn is None or attn.shape[-1] != attn.shape[-2]:
         return {}  # cross-attention (DEPICT-CA classes over patches): no token grid
     return {call.query: _patches(_query_rows(attn, call), call)}
@@ -283,13 +291,13 @@ def _qkv_maps(child: str) -> MapsFn:
 
     def fn(call: _Call) -> Dict[str, Tensor]:
         m = call.module
-        core = _adapted_core(m)
-        if core is not None:  # an adapted layer: its own (recorded) attention
-            return _adapted_maps(core, call)
         qkv = call.children.get(child)
         if qkv is None:
             return {}
-        q, k, _ = (split_heads(t, m.num_heads) for t in qkv.chunk(3, dim=-1))
+        q, k, v = (split_heads(t, m.num_heads) for t in qkv.chunk(3, dim=-1))
+        core = _adapted_core(m)
+        if core is not None:  # an adapted layer: the maps of its core on these heads
+            return _adapted_maps(core.attention_maps(q, k, v), call)
         sdpa = getattr(m, 'scaled_dot_product_attention', None)
         scale = getattr(sdpa, 'keywords', {}).get('scale') or q.shape[-1] ** -0.5
         return _softmax_row_maps(q, k, scale, call)
@@ -317,7 +325,7 @@ def _argmax_clusters(attn: Tensor, call: _Call) -> Tensor:
 def _cbsa_maps(call: _Call) -> Dict[str, Tensor]:
     """CBSA: ``A`` ``(B, H, m, N)``; token-to-token ``AᵀA``, query row
     ``Σ_r A[r, q] A[r, n]``; representatives' rows; clusters ``argmax_r A[r, n]``."""
-    attn = call.module.last_attention
+    attn = _own_maps(call).get('attention')
     if attn is None:
         return {}
     row = _query_weights(attn, call).transpose(-2, -1) @ attn  # (B, H, 1, N)
@@ -325,13 +333,12 @@ def _cbsa_maps(call: _Call) -> Dict[str, Tensor]:
             'clusters': _argmax_clusters(attn, call)}
 
 
-def _adapted_maps(core: nn.Module, call: _Call) -> Dict[str, Tensor]:
-    """The adapted attention of docs/mechanisms.md §8, read from what ``core`` recorded
-    (``AdaptedCBSA`` or an adapted ViT's core): ``A = last_attention`` ``(B, H, m, N)``,
-    ``Bc = last_broadcast`` ``(B, H, N, m)``; token-to-token ``Bc A``, query row; the
+def _adapted_maps(raw: Dict[str, Tensor], call: _Call) -> Dict[str, Tensor]:
+    """The adapted attention of docs/mechanisms.md §8 from the ``attention_maps`` of
+    ``AdaptedCBSA`` or an adapted ViT's core: ``A = raw['attention']`` ``(B, H, m, N)``,
+    ``Bc = raw['broadcast']`` ``(B, H, N, m)``; token-to-token ``Bc A``, query row; the
     representatives' rows; clusters ``argmax_r A[r, n]``."""
-    attn = getattr(core, 'last_attention', None)
-    bcast = getattr(core, 'last_broadcast', None)
+    attn, bcast = raw.get('attention'), raw.get('broadcast')
     if attn is None or bcast is None:
         return {}
     weights = _query_weights(bcast.transpose(-2, -1), call).transpose(-2, -1)  # (B,H,1,m)
@@ -341,19 +348,19 @@ def _adapted_maps(core: nn.Module, call: _Call) -> Dict[str, Tensor]:
 
 def _adapted_cbsa_maps(call: _Call) -> Dict[str, Tensor]:
     """AdaptedCBSA, and the adapted core of mmseg's ViT (``AdaptedInProjAttention``)."""
-    return _adapted_maps(call.module, call)
+    return _adapted_maps(_own_maps(call), call)
 
 
 def _adapted_core(module: nn.Module) -> Optional[nn.Module]:
-    """The recording core of an mmpretrain ``MultiheadAttention`` whose
+    """The adapted core of an mmpretrain ``MultiheadAttention`` whose
     ``scaled_dot_product_attention`` was exchanged by ``AdaptedVisionTransformer``."""
     core = getattr(module, 'scaled_dot_product_attention', None)
-    return core if isinstance(core, nn.Module) and hasattr(core, 'last_broadcast') else None
+    return core if isinstance(core, nn.Module) and hasattr(core, 'attention_maps') else None
 
 
 def _tssa_maps(call: _Call) -> Dict[str, Tensor]:
     """TSSA: ``π`` ``(B, H, N)`` -> per-head soft groups and the hard partition."""
-    pi = call.module.last_attention
+    pi = _own_maps(call).get('assignment')
     if pi is None:
         return {}
     groups = _patches(pi.unsqueeze(2), call)  # (B, H, 1, h, w)
@@ -361,11 +368,10 @@ def _tssa_maps(call: _Call) -> Dict[str, Tensor]:
 
 
 def _mita_maps(call: _Call) -> Dict[str, Tensor]:
-    """MiTA: ``last_expert`` ``(B, H, N)`` long, ``last_routed_keys`` ``(B, H, M, k')``
-    long token indices -> expert of each patch, indicator of each expert's keys."""
-    m = call.module
-    expert = getattr(m, 'last_expert', None)
-    keys = getattr(m, 'last_routed_keys', None)
+    """MiTA: ``expert`` ``(B, H, N)`` long, ``routed_keys`` ``(B, H, M, k')`` long token
+    indices -> expert of each patch, indicator of each expert's keys."""
+    raw = _own_maps(call)
+    expert, keys = raw.get('expert'), raw.get('routed_keys')
     if expert is None:
         return {}
     out = {'clusters': _patches(expert.unsqueeze(2), call)}
@@ -382,8 +388,8 @@ def _mita_maps(call: _Call) -> Dict[str, Tensor]:
 MECHANISMS: Dict[str, Mechanism] = {
     'CBSA': Mechanism(_input_linear('in_proj'), _cbsa_maps),
     'AdaptedCBSA': Mechanism(_child_part('qkv', 2, 3), _adapted_cbsa_maps, ('qkv', )),
-    'MSSA': Mechanism(_child_output('in_proj'), _recorded_softmax_maps, ('in_proj', )),
-    'MHSA': Mechanism(_child_part('qkv', 2, 3), _recorded_softmax_maps, ('qkv', )),
+    'MSSA': Mechanism(_child_output('in_proj'), _softmax_maps, ('in_proj', )),
+    'MHSA': Mechanism(_child_part('qkv', 2, 3), _softmax_maps, ('qkv', )),
     'TSSA': Mechanism(_child_output('in_proj'), _tssa_maps, ('in_proj', )),
     'MiTA': Mechanism(_mita_value, _mita_maps),
     'PrimalAttention': Mechanism(_child_part('qk', 0, 2), None, ('qk', )),
@@ -421,8 +427,8 @@ class AttentionCapture:
     Args:
         model: any ``nn.Module`` (mmseg segmentor, mmpretrain classifier, a bare backbone).
         projections: keep each attention's input projection.
-        maps: switch on recording and compute the maps (costs the explicit ``N × N``
-            softmax in MSSA / MHSA / ViT layers, and CBSA's plain-op path).
+        maps: compute the maps (each attention's maps once more after its call: the
+            explicit ``N × N`` softmax in MSSA / MHSA / ViT layers, CBSA's plain-op path).
         ista: keep the output of every ISTA module.
         query: which row the token-to-token maps show: ``'cls'`` (token 0), ``'mean'``
             (mean over patch queries) or ``'auto'`` (``'cls'`` when the layer has exactly
@@ -444,7 +450,6 @@ class AttentionCapture:
         self.layers: List[LayerRecord] = []
         self.ista: List[TensorRecord] = []
         self._handles: list = []
-        self._switched: List[Tuple[nn.Module, Any]] = []
         self._active: Dict[int, List[_Call]] = {}
         self._last_grid: Optional[Grid] = None
         self._suffix_layout: set = set()
@@ -475,18 +480,10 @@ class AttentionCapture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for module, value in self._switched:
-            module.record_attention = value
-        self._switched = []
         self._active = {}
 
     # hooks ----------------------------------------------------------------------------
     def _attach(self, module: nn.Module, name: str, mech: Mechanism) -> None:
-        if self.want_maps:
-            for recorder in (module, _adapted_core(module)):
-                if recorder is not None and hasattr(recorder, 'record_attention'):
-                    self._switched.append((recorder, recorder.record_attention))
-                    recorder.record_attention = True
         self._handles.append(module.register_forward_pre_hook(self._pre_hook,
                                                               with_kwargs=True))
         self._handles.append(module.register_forward_hook(
@@ -546,11 +543,10 @@ class AttentionCapture:
         return hook
 
     def _locate(self, call: _Call, num_tokens: int) -> None:
-        """Patch grid and prefix count of a call: the ``hw_shape`` it was given (or
-        recorded), else the last patch embedding's grid, else a square guess."""
+        """Patch grid and prefix count of a call: the ``hw_shape`` it was given, else the
+        last patch embedding's grid, else a square guess."""
         candidates = [_as_grid(call.kwargs.get('hw_shape')),
                       _as_grid(call.args[1]) if len(call.args) > 1 else None,
-                      _as_grid(getattr(call.module, 'last_hw_shape', None)),
                       self._last_grid]
         grid = next((g for g in candidates if g is not None and g[0] * g[1] <= num_tokens),
                     None)
@@ -571,4 +567,3 @@ class AttentionCapture:
             call.query = self.query
         if call.query == 'cls' and (call.num_prefix == 0 or suffix):
             call.query = 'mean'  # no leading non-patch token to read a row from
-

@@ -20,7 +20,7 @@ The math lives in :func:`adapted_cbsa_attention` (heads in, heads out) and in th
 is the stand-alone module; :mod:`mmcbsa.models.backbones.adapted_vit` plugs the same
 function into mmpretrain's and mmseg's own ``VisionTransformer`` s.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -87,37 +87,34 @@ def adapted_cbsa_attention(q: Tensor, k: Tensor, v: Tensor,
 
 
 class AdaptedHeadsAttention:
-    """Mixin: the adapted attention on ``(B, H, N, p)`` heads, with recording.
+    """Mixin: the adapted attention on ``(B, H, N, p)`` heads.
 
     Hosts set ``rep_grid``, ``legacy_pooling`` (and optionally ``owner_name``, the name
-    used in messages) and call :meth:`_init_recording`; then
-    :meth:`attend` runs :func:`adapted_cbsa_attention` and, when
-    ``record_attention`` is True, keeps detached copies of the contraction weights
-    ``last_attention (B, H, m, N)``, the broadcast weights ``last_broadcast (B, H, N, m)``
-    and the patch grid ``last_hw_shape``.
+    used in messages); :meth:`attend` runs :func:`adapted_cbsa_attention`,
+    :meth:`head_maps` returns its two weight maps for the same heads.
     """
 
     rep_grid: Tuple[int, int]
     legacy_pooling: bool
 
-    def _init_recording(self) -> None:
-        self.record_attention = False
-        self.last_attention: Optional[Tensor] = None
-        self.last_broadcast: Optional[Tensor] = None
-        self.last_hw_shape: Optional[Tuple[int, int]] = None
+    def _adapted(self, q: Tensor, k: Tensor, v: Tensor, hw_shape: Optional[Sequence[int]],
+                 dropout_p: float, return_weights: bool) -> Tuple[Tensor, Optional[Weights]]:
+        return adapted_cbsa_attention(
+            q, k, v, hw_shape, self.rep_grid, legacy_pooling=self.legacy_pooling,
+            dropout_p=dropout_p, return_weights=return_weights,
+            owner=getattr(self, 'owner_name', type(self).__name__))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, hw_shape: Optional[Sequence[int]],
                dropout_p: float = 0.) -> Tensor:
-        out, weights = adapted_cbsa_attention(
-            q, k, v, hw_shape, self.rep_grid, legacy_pooling=self.legacy_pooling,
-            dropout_p=dropout_p, return_weights=self.record_attention,
-            owner=getattr(self, 'owner_name', type(self).__name__))
-        if weights is not None:
-            self.last_attention = weights[0].detach()
-            self.last_broadcast = weights[1].detach()
-            self.last_hw_shape = (None if hw_shape is None
-                                  else (int(hw_shape[0]), int(hw_shape[1])))
-        return out
+        return self._adapted(q, k, v, hw_shape, dropout_p, False)[0]
+
+    @torch.no_grad()
+    def head_maps(self, q: Tensor, k: Tensor, v: Tensor,
+                  hw_shape: Optional[Sequence[int]]) -> Dict[str, Tensor]:
+        """``{'attention': softmax_tokens(Q0 kᵀ/√p) (B, H, m, N), 'broadcast':
+        softmax_reps(q Q0ᵀ/√p) (B, H, N, m)}`` for heads ``q, k, v (B, H, N, p)``."""
+        contract, broadcast = self._adapted(q, k, v, hw_shape, 0., True)[1]
+        return {'attention': contract, 'broadcast': broadcast}
 
 
 @register_model()
@@ -140,11 +137,11 @@ class AdaptedCBSA(AdaptedHeadsAttention, BaseModule):
     maps and no contraction among the representatives. Cost ``O(N m C)`` besides the two
     projections, against ``O(N² C)`` for softmax attention.
 
-    Recording: set ``record_attention = True`` and the next forward also stores
-    (detached) ``last_attention`` ``(B, H, m, N)`` = ``softmax_tokens(Q0 kᵀ/√p)`` (the
-    contraction weights), ``last_broadcast`` ``(B, H, N, m)`` = ``softmax_reps(q Q0ᵀ/√p)``
-    and ``last_hw_shape``. Without recording, both steps run through
-    ``F.scaled_dot_product_attention`` and no ``m × N`` map is materialised.
+    Maps (analysis, ``mmcbsa.analysis``): :meth:`attention_maps` takes the arguments of
+    :meth:`forward` and returns ``{'attention': softmax_tokens(Q0 kᵀ/√p)}``
+    ``(B, H, m, N)`` (the contraction weights) and ``{'broadcast': softmax_reps(q
+    Q0ᵀ/√p)}`` ``(B, H, N, m)``. The forward runs both steps through
+    ``F.scaled_dot_product_attention`` and materialises no ``m × N`` map.
 
     Args:
         embed_dims: token width ``C``.
@@ -176,12 +173,21 @@ class AdaptedCBSA(AdaptedHeadsAttention, BaseModule):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(embed_dims, embed_dims, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._init_recording()
 
-    def forward(self, x: Tensor, hw_shape: Optional[Sequence[int]] = None) -> Tensor:
+    def _heads(self, x: Tensor) -> Tensor:
         check_input_width(x, self.embed_dims, 'AdaptedCBSA')
         b, n, _ = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dims).permute(2, 0, 3, 1, 4)
+        return self.qkv(x).view(b, n, 3, self.num_heads, self.head_dims).permute(2, 0, 3, 1, 4)
+
+    @torch.no_grad()
+    def attention_maps(self, x: Tensor,
+                       hw_shape: Optional[Sequence[int]] = None) -> Dict[str, Tensor]:
+        """The two weight maps of ``forward(x, hw_shape)`` (see the class docstring)."""
+        qkv = self._heads(x)
+        return self.head_maps(qkv[0], qkv[1], qkv[2], hw_shape)
+
+    def forward(self, x: Tensor, hw_shape: Optional[Sequence[int]] = None) -> Tensor:
+        qkv = self._heads(x)
         out = self.attend(qkv[0], qkv[1], qkv[2], hw_shape,
                           dropout_p=self.attn_drop if self.training else 0.)
         return self.proj_drop(self.proj(merge_heads(out)))

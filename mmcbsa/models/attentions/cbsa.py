@@ -19,7 +19,7 @@ Implementation notes (performance, exact math):
   token-major ``(B, N, H·p)`` from projection to projection; the PyTorch path is the
   reference, the CPU path and what ``torch.compile`` traces (inductor fuses it).
 """
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -234,10 +234,19 @@ class CBSA(BaseModule):
         path: ``'auto'`` (default): the Triton kernels of :mod:`mmcbsa.ops.cbsa_triton`
             for CUDA inputs computed in float32/bfloat16/float16 with ``m, p <= 128``,
             in eager mode; the PyTorch path otherwise (CPU, float64, tracing,
-            ``torch.compile``, ``record_attention``). ``'triton'`` forces the kernels
+            ``torch.compile``). ``'triton'`` forces the kernels
             (an error gives the reason where they cannot run; CPU inputs need Triton's
             interpreter, ``TRITON_INTERPRET=1``: for tests). ``'torch'``: the PyTorch
             path. A speed choice: the result does not depend on it (float rounding).
+        fused: on the PyTorch path, train through the hand-written backward
+            (``True``, default; docs/benchmark_attention.md) or let autograd
+            differentiate the plain operations (``False``: the reference the tests compare
+            the hand-written backward with). Tracing, scripting, exporting and inference
+            without gradients always run the plain operations.
+
+    Maps (analysis, ``mmcbsa.analysis``): :meth:`attention_maps` takes the arguments of
+    :meth:`forward` and returns ``{'attention': A}`` ``(B, H, m, N)``, the extraction
+    weights of step 2.
 
     Shapes: ``x (B, N, C)``, ``hw_shape=(h, w)`` with ``h*w <= N`` -> ``(B, N, C)``.
     """
@@ -245,9 +254,10 @@ class CBSA(BaseModule):
     def __init__(self, embed_dims: int, num_heads: int, head_dims: Optional[int] = None,
                  num_reps: GridLike = 64, rep_mode: str = 'pool', legacy_pooling: bool = False,
                  proj_bias: bool = True, proj_drop: float = 0., path: str = 'auto',
-                 init_cfg: Optional[dict] = None) -> None:
+                 fused: bool = True, init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         self.head_dims = resolve_head_dims(embed_dims, num_heads, head_dims, 'CBSA')
+        self.fused = bool(fused)
         if path not in PATHS:
             raise ValueError(f'CBSA: path must be one of {PATHS}, got {path!r}')
         self.path = path
@@ -268,13 +278,6 @@ class CBSA(BaseModule):
             nn.init.trunc_normal_(self.reps, std=0.02)
         self.out_proj = nn.Linear(inner, embed_dims, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
-        # Set ``record_attention = True`` to keep the extraction attention ``A``
-        # ``(B, H, m, N)`` of the last forward in ``last_attention`` (detached), with
-        # the patch grid in ``last_hw_shape`` — for visualisation
-        # (tools/analysis_tools/visualize_attention.py).
-        self.record_attention = False
-        self.last_attention: Optional[Tensor] = None
-        self.last_hw_shape: Optional[Tuple[int, int]] = None
 
     def _pooler(self, x: Tensor, hw_shape: Optional[Sequence[int]]) -> _GridPool:
         """Which tokens are pooled, on which grid (docs/mechanisms.md §1.2 and its legacy form)."""
@@ -302,8 +305,6 @@ class CBSA(BaseModule):
         if why is None and (torch.jit.is_tracing() or torch.jit.is_scripting()
                             or is_compiling()):
             why = 'eager execution (not traced, scripted or compiled)'
-        if why is None and self.record_attention:
-            why = 'record_attention=False (the map is recorded by the PyTorch path)'
         if why is not None and self.path == 'triton':
             raise ValueError(f"CBSA: path='triton' needs {why}; use path='auto'")
         return why is None
@@ -313,7 +314,7 @@ class CBSA(BaseModule):
         b, n, _ = x.shape
         heads, p = self.num_heads, self.head_dims
         dtype = compute_dtype(x)
-        pool, r0_t = None, None
+        pool = None
         if self.rep_mode == 'pool':
             pool = self._pooler(x, hw_shape)
             self._warn_if_superlinear(pool.h, pool.w)
@@ -323,34 +324,55 @@ class CBSA(BaseModule):
             return self.proj_drop(self._forward_triton(x, pool, dtype))
         # Hand-written backward when training eagerly; the same math as plain ops when
         # tracing / scripting (FLOP counters, export) or without autograd.
-        fused = (torch.is_grad_enabled() and not torch.jit.is_tracing()
-                 and not torch.jit.is_scripting() and not is_exporting()
-                 and not self.record_attention)
+        fused = (self.fused and torch.is_grad_enabled() and not torch.jit.is_tracing()
+                 and not torch.jit.is_scripting() and not is_exporting())
         with torch.autocast(device_type=x.device.type, enabled=False):
             x, u = x.to(dtype), self.in_proj.weight.to(dtype)
-            step_rep, step_x = self.step_rep.to(dtype), self.step_x.to(dtype)
             w_out = self.out_proj.weight.to(dtype)
             bias = None if self.out_proj.bias is None else self.out_proj.bias.to(dtype)
-            # w = x Uᵀ, channels first: (B, Hp, N) -> heads (B·H, p, N)
-            w_t = (_ChannelsFirstLinear.apply(x, u) if fused
-                   else _linear_channels_first(x, u)).view(b * heads, p, n)
-            if self.rep_mode == 'learned':  # (m, Hp) -> (B·H, p, m)
-                r0_t = self.reps.to(dtype).t().reshape(1, heads, p, -1).expand(
-                    b, -1, -1, -1).reshape(b * heads, p, -1)
             if fused:
-                out_t = _ContractBroadcast.apply(w_t, r0_t, step_rep, step_x, pool, p**-0.5)
+                # w = x Uᵀ, channels first: (B, Hp, N) -> heads (B·H, p, N)
+                w_t = _ChannelsFirstLinear.apply(x, u).view(b * heads, p, n)
+                out_t = _ContractBroadcast.apply(w_t, self._learned_reps_t(b, dtype),
+                                                 self.step_rep.to(dtype),
+                                                 self.step_x.to(dtype), pool, p**-0.5)
                 y = _ChannelsLastLinear.apply(out_t.view(b, heads * p, n), w_out, bias)
             else:
-                g = b * heads
-                out_t, attn = _contract_broadcast(w_t, pool(w_t) if r0_t is None else r0_t,
-                                                  _per_group(step_rep, g),
-                                                  _per_group(step_x, g), p**-0.5)[:2]
-                if self.record_attention:
-                    self.last_attention = attn.detach().view(b, heads, -1, n)
-                    self.last_hw_shape = (None if hw_shape is None else
-                                          (int(hw_shape[0]), int(hw_shape[1])))
+                out_t = self._plain_core(x, pool, dtype)[0]
                 y = _linear_channels_last(out_t.view(b, heads * p, n), w_out, bias)
         return self.proj_drop(y)
+
+    def _learned_reps_t(self, batch: int, dtype: torch.dtype) -> Optional[Tensor]:
+        """Learned representatives ``(m, H·p)`` as ``(B·H, p, m)``; ``None`` when pooled."""
+        if self.rep_mode != 'learned':
+            return None
+        heads, p = self.num_heads, self.head_dims
+        return self.reps.to(dtype).t().reshape(1, heads, p, -1).expand(
+            batch, -1, -1, -1).reshape(batch * heads, p, -1)
+
+    def _plain_core(self, x: Tensor, pool: Optional[_GridPool],
+                    dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        """Steps 1–4 as plain PyTorch operations on ``x`` (already in ``dtype``):
+        ``o`` channels first ``(B·H, p, N)`` and ``A`` ``(B·H, m, N)``."""
+        b, n, _ = x.shape
+        heads, p = self.num_heads, self.head_dims
+        g = b * heads
+        w_t = _linear_channels_first(x, self.in_proj.weight.to(dtype)).view(g, p, n)
+        r0_t = self._learned_reps_t(b, dtype)
+        return _contract_broadcast(w_t, pool(w_t) if r0_t is None else r0_t,
+                                   _per_group(self.step_rep.to(dtype), g),
+                                   _per_group(self.step_x.to(dtype), g), p**-0.5)[:2]
+
+    @torch.no_grad()
+    def attention_maps(self, x: Tensor,
+                       hw_shape: Optional[Sequence[int]] = None) -> Dict[str, Tensor]:
+        """``{'attention': A (B, H, m, N)}`` of ``forward(x, hw_shape)`` (PyTorch path)."""
+        check_input_width(x, self.embed_dims, 'CBSA')
+        pool = self._pooler(x, hw_shape) if self.rep_mode == 'pool' else None
+        dtype = compute_dtype(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            attn = self._plain_core(x.to(dtype), pool, dtype)[1]
+        return {'attention': attn.view(x.shape[0], self.num_heads, -1, x.shape[1])}
 
     def _forward_triton(self, x: Tensor, pool: Optional[_GridPool], dtype: torch.dtype) -> Tensor:
         """§1 with the core in :func:`mmcbsa.ops.cbsa_triton.contract_broadcast`,

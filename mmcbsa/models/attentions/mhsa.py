@@ -1,9 +1,8 @@
 """Standard multi-head softmax self-attention through PyTorch SDPA: the baseline
 every mmcbsa mechanism is compared against."""
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-
 import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model import BaseModule
@@ -24,12 +23,11 @@ class MHSA(BaseModule):
         attn_drop: dropout on the attention weights (training only).
         proj_drop: dropout after the output projection.
 
-    Recording (analysis, ``mmcbsa.analysis``): set ``record_attention = True`` and each
-    forward keeps, detached, ``last_attention`` ``(B, H, N, N)`` = ``softmax(q kᵀ / √p)``
-    (before attention dropout) and ``last_hw_shape`` (the ``hw_shape`` it was given, or
-    ``None``); the softmax is then computed explicitly instead of through SDPA.
+    Maps (analysis, ``mmcbsa.analysis``): :meth:`attention_maps` returns
+    ``{'attention': softmax(q kᵀ / √p)}`` ``(B, H, N, N)``, the weights the forward
+    applies through SDPA, written out.
 
-    Shapes: ``x (B, N, C) -> (B, N, C)``; ``hw_shape`` is only recorded.
+    Shapes: ``x (B, N, C) -> (B, N, C)``; ``hw_shape`` is not used.
     """
 
     def __init__(self, embed_dims: int, num_heads: int, qkv_bias: bool = True,
@@ -42,26 +40,27 @@ class MHSA(BaseModule):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(embed_dims, embed_dims)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.record_attention = False
-        self.last_attention: Optional[Tensor] = None
-        self.last_hw_shape: Optional[Tuple[int, int]] = None
 
-    def forward(self, x: Tensor, hw_shape: Optional[Sequence[int]] = None) -> Tensor:
+    def _qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         check_input_width(x, self.embed_dims, 'MHSA')
         b, n, _ = x.shape
         # unbind, not qkv[0], qkv[1], qkv[2]: each indexing op's backward allocates a
         # zero-filled full-size gradient (13 % of fwd+bwd in fill_); unbind's backward is
         # one stack. fwd+bwd 0.86-0.92x of the indexed version (N=197, B=8, C=384, H=6,
         # 1 thread, load 1.0 on 2 cores; 0.96x at N=4097, B=1)
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dims).permute(
+        return self.qkv(x).view(b, n, 3, self.num_heads, self.head_dims).permute(
             2, 0, 3, 1, 4).unbind(0)
+
+    @torch.no_grad()
+    def attention_maps(self, x: Tensor,
+                       hw_shape: Optional[Sequence[int]] = None) -> Dict[str, Tensor]:
+        """``{'attention': (B, H, N, N)}`` of ``forward(x, hw_shape)``."""
+        q, k, _ = self._qkv(x)
+        return {'attention': torch.softmax((q @ k.transpose(-2, -1)) * self.head_dims**-0.5,
+                                           dim=-1)}
+
+    def forward(self, x: Tensor, hw_shape: Optional[Sequence[int]] = None) -> Tensor:
+        q, k, v = self._qkv(x)
         drop = self.attn_drop if self.training else 0.
-        if self.record_attention:  # the same softmax, written out so it can be kept
-            attn = torch.softmax((q @ k.transpose(-2, -1)) * self.head_dims**-0.5, dim=-1)
-            self.last_attention = attn.detach()
-            self.last_hw_shape = None if hw_shape is None else (int(hw_shape[0]),
-                                                                int(hw_shape[1]))
-            out = F.dropout(attn, drop, self.training) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         return self.proj_drop(self.proj(merge_heads(out)))

@@ -1,6 +1,6 @@
 """Multi-head Subspace Self-Attention (CRATE, docs/mechanisms.md §2) and its tied-projection
 form used by the DEPICT decoders (docs/mechanisms.md §3)."""
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -35,11 +35,10 @@ class MSSA(BaseModule):
         attn_drop: dropout on attention weights (training only).
         proj_drop: dropout on the output.
 
-    Recording (analysis, ``mmcbsa.analysis``): set ``record_attention = True`` and each
-    forward keeps, detached, ``last_attention`` ``(B, H, N, L)`` =
-    ``softmax(w_q w_kᵀ / √p)`` (``L = N`` without ``context``; before attention dropout)
-    and ``last_hw_shape`` (the ``hw_shape`` it was given, or ``None``). The softmax is
-    then computed explicitly instead of through SDPA (same result, more memory).
+    Maps (analysis, ``mmcbsa.analysis``): :meth:`attention_maps` takes the arguments of
+    :meth:`forward` and returns ``{'attention': softmax(w_q w_kᵀ / √p)}``
+    ``(B, H, N, L)`` (``L = N`` without ``context``), the weights the forward applies
+    through SDPA, written out.
 
     Shapes: ``x (B, N, C)``, ``context (B, L, C)`` -> ``(B, N, C)``.
     """
@@ -60,27 +59,30 @@ class MSSA(BaseModule):
             self.step_size = nn.Parameter(torch.randn(1))  # γ
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
-        self.record_attention = False
-        self.last_attention: Optional[Tensor] = None
-        self.last_hw_shape: Optional[Tuple[int, int]] = None
 
-    def forward(self, x: Tensor, hw_shape: Optional[Sequence[int]] = None,
-                context: Optional[Tensor] = None) -> Tensor:
+    def _heads(self, x: Tensor, context: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """``w = x Uᵀ`` and the keys/values ``context Uᵀ`` (or ``w``), as heads."""
         check_input_width(x, self.embed_dims, 'MSSA')
         if context is not None:
             check_input_width(context, self.embed_dims, 'MSSA (context)')
         w = split_heads(self.in_proj(x), self.num_heads)  # (B, H, N, p)
         kv = w if context is None else split_heads(self.in_proj(context), self.num_heads)
+        return w, kv
+
+    @torch.no_grad()
+    def attention_maps(self, x: Tensor, hw_shape: Optional[Sequence[int]] = None,
+                       context: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """``{'attention': (B, H, N, L)}`` of ``forward(x, hw_shape, context)``."""
+        w, kv = self._heads(x, context)
+        return {'attention': torch.softmax((w @ kv.transpose(-2, -1)) * self.head_dims**-0.5,
+                                           dim=-1)}
+
+    def forward(self, x: Tensor, hw_shape: Optional[Sequence[int]] = None,
+                context: Optional[Tensor] = None) -> Tensor:
+        w, kv = self._heads(x, context)
         drop = self.attn_drop if self.training else 0.
-        if self.record_attention:  # the same softmax, written out so it can be kept
-            attn = torch.softmax((w @ kv.transpose(-2, -1)) * self.head_dims**-0.5, dim=-1)
-            self.last_attention = attn.detach()
-            self.last_hw_shape = None if hw_shape is None else (int(hw_shape[0]),
-                                                                int(hw_shape[1]))
-            o = merge_heads(F.dropout(attn, drop, self.training) @ kv)
-        else:
-            # softmax(w_q w_kᵀ / √p) w_k  — SDPA's default scale is 1/√p.
-            o = merge_heads(F.scaled_dot_product_attention(w, kv, kv, dropout_p=drop))
+        # softmax(w_q w_kᵀ / √p) w_k  — SDPA's default scale is 1/√p.
+        o = merge_heads(F.scaled_dot_product_attention(w, kv, kv, dropout_p=drop))
         if self.out_proj_mode == 'linear':
             y = self.out_proj(o)
         else:

@@ -1,5 +1,5 @@
 """Token Statistics Self-Attention (ToST, docs/mechanisms.md §2): linear in the token count."""
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,12 +28,11 @@ class TSSA(BaseModule):
         proj_bias: bias of the output projection.
         proj_drop: dropout on the output.
 
-    Recording (analysis, ``mmcbsa.analysis``): set ``record_attention = True`` and each
-    forward keeps, detached, ``last_attention`` ``(B, H, N)`` = the group assignment
-    ``π`` (``π[b, h, n]``: share of token ``n`` in group/head ``h``; sums to 1 over
-    ``h``) and ``last_hw_shape`` (the ``hw_shape`` it was given, or ``None``).
+    Maps (analysis, ``mmcbsa.analysis``): :meth:`attention_maps` returns
+    ``{'assignment': π}`` ``(B, H, N)`` (``π[b, h, n]``: share of token ``n`` in
+    group/head ``h``; sums to 1 over ``h``).
 
-    Shapes: ``x (B, N, C) -> (B, N, C)``; ``hw_shape`` is only recorded.
+    Shapes: ``x (B, N, C) -> (B, N, C)``; ``hw_shape`` is not used.
     """
 
     def __init__(self, embed_dims: int, num_heads: int, head_dims: Optional[int] = None,
@@ -47,11 +46,9 @@ class TSSA(BaseModule):
         self.temp = nn.Parameter(torch.ones(num_heads))  # τ
         self.out_proj = nn.Linear(inner, embed_dims, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.record_attention = False
-        self.last_attention: Optional[Tensor] = None
-        self.last_hw_shape: Optional[Tuple[int, int]] = None
 
-    def forward(self, x: Tensor, hw_shape: Optional[Sequence[int]] = None) -> Tensor:
+    def _assign(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``w (B, N, H, p)``, ``w ⊙ w`` and the assignment ``π (B, N, H)``."""
         check_input_width(x, self.embed_dims, 'TSSA')
         # Token-major (B, N, H, p) throughout: every elementwise op is contiguous, and
         # the two per-head reductions over channels / tokens are tiny GEMMs.
@@ -65,10 +62,17 @@ class TSSA(BaseModule):
         block = (inv_norm2.unsqueeze(-1) * eye.view(1, heads, 1, heads)).view(b, heads * p, heads)
         score = torch.bmm(w2.view(b, n, heads * p), block)  # (B, N, H)
         pi = torch.softmax(score * self.temp.to(score.dtype), dim=-1)  # over heads
-        if self.record_attention:
-            self.last_attention = pi.detach().transpose(1, 2)  # (B, H, N)
-            self.last_hw_shape = None if hw_shape is None else (int(hw_shape[0]),
-                                                                int(hw_shape[1]))
+        return w, w2, pi
+
+    @torch.no_grad()
+    def attention_maps(self, x: Tensor,
+                       hw_shape: Optional[Sequence[int]] = None) -> Dict[str, Tensor]:
+        """``{'assignment': π (B, H, N)}`` of ``forward(x, hw_shape)``."""
+        return {'assignment': self._assign(x)[2].transpose(1, 2)}
+
+    def forward(self, x: Tensor, hw_shape: Optional[Sequence[int]] = None) -> Tensor:
+        w, w2, pi = self._assign(x)
+        b, n, heads, p = w.shape
         weights = pi / (pi.sum(1, keepdim=True) + 1e-8)
         # s_h = weights_hᵀ (w_h ⊙ w_h): diagonal blocks of weightsᵀ · w2 (B, H, H·p)
         s = torch.bmm(weights.transpose(1, 2), w2.view(b, n, heads * p))

@@ -31,15 +31,15 @@ How (no copy of the libraries' forward code, no new parameters):
     ``in_proj_weight`` / ``in_proj_bias`` / ``out_proj`` parameters (so the keys
     ``attn.attn.in_proj_weight`` ... and their initialisation are unchanged).
 
-Each core has the recording interface of ``AdaptedCBSA`` (``record_attention``,
-``last_attention``, ``last_broadcast``, ``last_hw_shape``).
+Each core has the ``attention_maps`` of ``AdaptedCBSA`` (called with the arguments of its
+own forward).
 
 Limits: the patch grid is the one of the backbone's latest forward; calling a layer on
 its own (outside the backbone's forward) uses that stale grid. ``legacy_pooling``
 reproduces a reference that pools ``[CLS; patches][:N−1]`` and therefore needs exactly one
 prefix token: with ``with_cls_token=False`` it is refused at build time.
 """
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -128,7 +128,11 @@ class AdaptedSDPA(AdaptedHeadsAttention, nn.Module):
         self.rep_grid = to_grid(num_reps, 'num_reps', OWNER)
         self.legacy_pooling = legacy_pooling
         self._patch_grid = patch_grid
-        self._init_recording()
+
+    def attention_maps(self, query: Tensor, key: Tensor, value: Tensor,
+                       *args, **kwargs) -> Dict[str, Tensor]:
+        """The two weight maps (``head_maps``) of ``forward(query, key, value)``."""
+        return self.head_maps(query, key, value, self._patch_grid.hw)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 attn_mask: Optional[Tensor] = None, dropout_p: float = 0.,
@@ -184,7 +188,17 @@ class AdaptedInProjAttention(AdaptedHeadsAttention, nn.Module):
         self.rep_grid = to_grid(num_reps, 'num_reps', OWNER)
         self.legacy_pooling = legacy_pooling
         self._patch_grid = patch_grid
-        self._init_recording()
+
+    def _heads(self, query: Tensor) -> Tensor:
+        x = query if self.batch_first else query.transpose(0, 1)
+        b, n, _ = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        return qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+
+    def attention_maps(self, query: Tensor, *args, **kwargs) -> Dict[str, Tensor]:
+        """The two weight maps (``head_maps``) of ``forward(query, ...)``."""
+        qkv = self._heads(query)
+        return self.head_maps(qkv[0], qkv[1], qkv[2], self._patch_grid.hw)
 
     def forward(self, query: Tensor, key: Optional[Tensor] = None,
                 value: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
@@ -196,10 +210,7 @@ class AdaptedInProjAttention(AdaptedHeadsAttention, nn.Module):
                                  f'({name} must be the query)')
         if key_padding_mask is not None or attn_mask is not None or is_causal:
             raise ValueError(f'{OWNER}: the adapted attention takes no attention mask')
-        x = query if self.batch_first else query.transpose(0, 1)
-        b, n, _ = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        qkv = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self._heads(query)
         out = self.attend(qkv[0], qkv[1], qkv[2], self._patch_grid.hw,
                           dropout_p=self.dropout if self.training else 0.)
         out = self.out_proj(merge_heads(out))
