@@ -15,8 +15,8 @@ from mmengine.model import ModuleList
 from torch import Tensor
 
 from mmcbsa.registry import register_model
-from ..attentions.base import GridLike, check_positive, to_grid
-from .class_mask_head import ClassMaskHead, PreNormAttnLayer
+from ..attentions.base import GridLike, to_grid
+from .class_mask_head import ClassMaskHead, PreNormAttnLayer, check_sizes
 
 _OWNER = 'CBTHead'
 
@@ -81,24 +81,22 @@ class CBTHead(ClassMaskHead):
                  init_std: float = 0.02,
                  init_cfg: Optional[dict] = None,
                  **kwargs) -> None:
-        check_positive(num_layers, 'num_layers', _OWNER)
-        check_positive(num_heads, 'num_heads', _OWNER)
-        check_positive(head_dims, 'head_dims', _OWNER)
-        to_grid(num_reps, 'num_reps', _OWNER)
+        check_sizes(_OWNER, num_layers=num_layers, num_heads=num_heads, head_dims=head_dims)
+        rep_grid = to_grid(num_reps, 'num_reps', _OWNER)  # checked here, where it enters
         super().__init__(in_channels, channels, num_classes=num_classes,
                          dropout_ratio=dropout_ratio, norm_cfg=norm_cfg, init_std=init_std,
                          init_cfg=init_cfg, **kwargs)
-        self.attn_cfg = self._attn_cfg(num_heads, head_dims, num_reps, dropout_ratio, attn_cfg)
+        self.attn_cfg = self._attn_cfg(num_heads, head_dims, rep_grid, dropout_ratio, attn_cfg)
         self.layers = ModuleList([
             PreNormAttnLayer(channels, self.attn_cfg, norm_cfg) for _ in range(num_layers)
         ])
         self.decoder_norm = build_norm_layer(norm_cfg, channels)[1]
 
     @staticmethod
-    def _attn_cfg(num_heads: int, head_dims: int, num_reps: GridLike, dropout_ratio: float,
-                  override: Optional[dict]) -> dict:
+    def _attn_cfg(num_heads: int, head_dims: int, rep_grid: Tuple[int, int],
+                  dropout_ratio: float, override: Optional[dict]) -> dict:
         cfg = dict(type='CBSA', num_heads=num_heads, head_dims=head_dims,
-                   num_reps=copy.deepcopy(num_reps), proj_drop=dropout_ratio)
+                   num_reps=rep_grid, proj_drop=dropout_ratio)
         if override is not None:
             override = copy.deepcopy(dict(override))
             if override.get('type', cfg['type']) != cfg['type']:

@@ -209,6 +209,13 @@ class ClassMaskHead(BaseDecodeHead):
         return masks.transpose(1, 2).reshape(b, k, *hw_shape)
 
 
+def check_sizes(owner: str, **sizes: int) -> None:
+    """Every given size (``num_layers=3, head_dims=100, ...``) is a positive integer;
+    else a ``ValueError`` naming it and ``owner``. The heads' one argument check."""
+    for name, value in sizes.items():
+        check_positive(value, name, owner)
+
+
 def check_binary_loss(owner: str, num_classes: int, loss_decode) -> None:
     """A binary head (``out_channels=1``) needs a sigmoid loss: refuse mmseg's
     softmax ``CrossEntropyLoss`` (its default ``use_sigmoid=False``), which over one

@@ -16,8 +16,7 @@ from mmengine.model import ModuleList
 from torch import Tensor
 
 from mmcbsa.registry import register_model
-from ..attentions.base import check_positive
-from .class_mask_head import ClassMaskHead, PreNormAttnLayer
+from .class_mask_head import ClassMaskHead, PreNormAttnLayer, check_sizes
 
 _OWNER = 'DEPICTHead'
 
@@ -117,14 +116,11 @@ class DEPICTHead(ClassMaskHead):
                  **kwargs) -> None:
         if mode not in ('sa', 'ca'):
             raise ValueError(f"{_OWNER}: mode must be 'sa' or 'ca', got {mode!r}")
-        check_positive(num_layers, 'num_layers', _OWNER)
-        check_positive(num_heads, 'num_heads', _OWNER)
-        check_positive(head_dims, 'head_dims', _OWNER)
+        check_sizes(_OWNER, num_layers=num_layers, num_heads=num_heads, head_dims=head_dims)
         if mode == 'ca':
             ca_num_heads = num_heads if ca_num_heads is None else ca_num_heads
-            check_positive(ca_num_layers, 'ca_num_layers', _OWNER)
-            check_positive(ca_num_heads, 'ca_num_heads', _OWNER)
-            check_positive(ca_head_dims, 'ca_head_dims', _OWNER)
+            check_sizes(_OWNER, ca_num_layers=ca_num_layers, ca_num_heads=ca_num_heads,
+                        ca_head_dims=ca_head_dims)
         super().__init__(in_channels, channels, num_classes=num_classes,
                          dropout_ratio=dropout_ratio, norm_cfg=norm_cfg, init_std=init_std,
                          init_cfg=init_cfg, **kwargs)
