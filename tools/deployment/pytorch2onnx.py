@@ -78,6 +78,18 @@ def _verify_batches(cfg, model, shape, dynamic: bool, batch: int, image, divisor
     return batches
 
 
+def _normalisation(cfg) -> str:
+    """What a runtime must do to an image before the graph: the config's data
+    preprocessor (channel order, mean, std)."""
+    pre = cfg.model.get('data_preprocessor') or cfg.get('data_preprocessor') or {}
+    mean, std = pre.get('mean'), pre.get('std')
+    if mean is None or std is None:
+        return 'input = the image as the data preprocessor of the config hands it over'
+    rgb = pre.get('bgr_to_rgb', pre.get('to_rgb', False))
+    return (f'input = ({"RGB" if rgb else "BGR (as read by OpenCV)"} image - mean) / std, '
+            f'mean={list(mean)}, std={list(std)} (the config\'s data_preprocessor)')
+
+
 @cli_main
 def main(argv=None) -> dict:
     args = parse_args(argv)
@@ -111,6 +123,7 @@ def main(argv=None) -> dict:
     print(f'{PROG}: wrote {report.path} ({report.size_bytes / 2**20:.1f} MiB, '
           f'{report.seconds:.1f} s): {report.task} model, input {report.input_name} {layout}, '
           f'outputs {", ".join(report.output_names)}, opset {report.opset}')
+    print(f'{PROG}: {_normalisation(cfg)}')
     result = dict(report=report)
     if args.verify:
         batches = _verify_batches(cfg, model, shape, args.dynamic_shape, args.batch,
