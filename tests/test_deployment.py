@@ -187,6 +187,7 @@ def quickstart(tmp_path_factory):
     """The quick-start config's model saved as an mmengine checkpoint, and 2 validation
     images of a generated mini ADE20K."""
     from mmengine.config import Config
+    from mmengine.registry import DefaultScope
 
     from mmcbsa.analysis.runtime import build_model
     root = tmp_path_factory.mktemp('deploy')
@@ -194,7 +195,12 @@ def quickstart(tmp_path_factory):
     subprocess.run([sys.executable, str(REPO / 'tools/misc/make_mini_dataset.py'), '--dataset',
                     'ade20k', '--out', str(data), '--num-train', '1', '--num-val', '2',
                     '--size', '96', '112'], check=True, capture_output=True)
-    model = build_model(Config.fromfile(str(QUICKSTART)))
+    saved = DefaultScope._instance_dict.copy()  # module fixture: outside conftest's reset
+    try:
+        model = build_model(Config.fromfile(str(QUICKSTART)))
+    finally:
+        DefaultScope._instance_dict.clear()
+        DefaultScope._instance_dict.update(saved)
     ckpt = root / 'iter_300.pth'
     torch.save(dict(meta=dict(iter=300), state_dict=model.state_dict()), ckpt)
     return ckpt, data
@@ -226,7 +232,10 @@ def test_tool_returns_what_it_printed(quickstart, tmp_path, capsys):
     ckpt, data = quickstart
     result = _tool().main([str(QUICKSTART), str(ckpt), '--out', str(tmp_path / 'q.onnx'),
                            '--shape', '64', '96', '--batch', '2', '--verify', '--benchmark', '1',
-                           '--cfg-options', f'test_dataloader.dataset.data_root={data}'])
+                           '--cfg-options', f'test_dataloader.dataset.data_root={data}',
+                           # a pretrained init_cfg is not downloaded: the checkpoint
+                           # replaces every tensor (offline here)
+                           'model.pretrained=https://example.invalid/vit.pth'])
     assert result['report'].shape == (64, 96) and not result['report'].dynamic
     assert [r['shape'] for r in result['verify']] == [(2, 3, 64, 96)]
     assert result['verify'][0]['max_abs_error'] <= TOL
