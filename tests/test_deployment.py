@@ -44,7 +44,26 @@ def depict_ca_segmentor():
                                     ca_num_layers=1, ca_num_heads=2, ca_head_dims=12))
 
 
-CASES = FAMILIES + [FamilyCase('depict-ca-segmentor', depict_ca_segmentor, 'seg', 5)]
+def adapted_vit_segmentor():
+    """mmseg's ViT with the CBSA-style adapted attention (configs/vit_adapt/, mmseg
+    ``AdaptedVisionTransformer``: 2 layers of width 24, 2×2 representatives) and a
+    DEPICT-SA head."""
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import MODELS
+    init_default_scope('mmseg')
+    return MODELS.build(dict(
+        type='EncoderDecoder',
+        backbone=dict(type='AdaptedVisionTransformer', img_size=(32, 32), patch_size=8,
+                      embed_dims=24, num_layers=2, num_heads=2, mlp_ratio=2, out_indices=(1, ),
+                      final_norm=True, with_cls_token=True, interpolate_mode='bicubic',
+                      adapt_cfg=dict(num_reps=4)),
+        decode_head=dict(type='DEPICTHead', mode='sa', in_channels=24, channels=24,
+                         num_classes=5, num_layers=1, num_heads=2, head_dims=12),
+        test_cfg=dict(mode='whole')))
+
+
+CASES = FAMILIES + [FamilyCase('depict-ca-segmentor', depict_ca_segmentor, 'seg', 5),
+                    FamilyCase('adapted-vit-segmentor', adapted_vit_segmentor, 'seg', 5)]
 
 
 def _images(batch, h, w, seed):

@@ -49,7 +49,7 @@ from mmseg.models.backbones import VisionTransformer as SegVisionTransformer
 from torch import Tensor
 
 from mmcbsa.models.attentions.adapted_cbsa import AdaptedHeadsAttention
-from mmcbsa.models.attentions.base import GridLike, as_size, merge_heads, to_grid
+from mmcbsa.models.attentions.base import GridLike, as_size, is_exporting, merge_heads, to_grid
 from mmcbsa.registry import register_model
 
 OWNER = 'AdaptedVisionTransformer'
@@ -146,8 +146,13 @@ class AdaptedSDPA(AdaptedHeadsAttention, nn.Module):
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:
-    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape
-                      and a.stride() == b.stride())
+    """Whether ``b`` is ``a`` (or a view of the same memory with the same layout). While
+    exporting, tensors have no memory to compare: the same shape is taken as the same."""
+    if a is b:
+        return True
+    if is_exporting():
+        return a.shape == b.shape
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 class AdaptedInProjAttention(AdaptedHeadsAttention, nn.Module):
