@@ -300,3 +300,54 @@ def test_missing_extra_is_one_line(monkeypatch, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert err == ('pytorch2onnx.py: error: ONNX export needs onnxscript: pip install -e '
                    '".[deploy]" (onnx, onnxruntime, onnxscript)')
+
+
+# ---------------------------------------------------------------------------------------
+# OpenMMLab parts with size-dependent code (the mixing configs' backbones and heads)
+# ---------------------------------------------------------------------------------------
+def _psp_segmentor():
+    """mmseg's PSPHead (pyramid pooling: nn.AdaptiveAvgPool2d to 1, 2, 3, 6) on the tiny
+    mmseg ViT, as UperNet's pooling in configs/mixing/cbt-s_upernet_*."""
+    return _tiny_vit_segmentor(dict(type='PSPHead', in_channels=24, channels=8,
+                                    pool_scales=(1, 2, 3, 6), num_classes=5))
+
+
+def test_pyramid_pooling_exports_for_every_size(tmp_path):
+    model = _psp_segmentor().eval()
+    path = tmp_path / 'psp.onnx'
+    export_onnx(model, str(path), (32, 32), batch=2, dynamic=True)
+    rows = verify_onnx(str(path), model, [_images(3, 48, 40, 1), _images(1, 24, 56, 2)])
+    assert all(r['max_abs_error'] <= TOL and r['label_mismatch'] == 0 for r in rows), rows
+
+
+def test_a_graph_that_keeps_the_traced_size_is_refused(tmp_path, monkeypatch):
+    """Without the pooling rewrite, the ONNX pooling keeps the traced windows: the
+    check at another size refuses the file instead of writing a wrong graph."""
+    import torch.nn as nn
+
+    from mmcbsa.deployment import rewrites
+    monkeypatch.setattr(rewrites, '_adaptive_avg_pool_forward', nn.AdaptiveAvgPool2d.forward)
+    path = tmp_path / 'psp.onnx'
+    with pytest.raises(ValueError, match='differs from the model at input .*traced size'):
+        export_onnx(_psp_segmentor().eval(), str(path), (32, 32), batch=2, dynamic=True)
+    assert not path.exists()
+
+
+def test_a_model_that_fixes_the_batch_is_refused_in_one_line(tmp_path):
+    """Code that turns the batch size into a Python number (as mmseg's Swin does in its
+    window partition; measured on configs/mixing/*swin*: refused the same way, 16 s static
+    export fine) cannot have a dynamic batch: one ValueError, and the static export works."""
+    model = CASES[2].build().eval()  # CBT head on the tiny mmseg ViT
+    head_forward = model.decode_head.forward
+
+    def fixed_batch(inputs):
+        out = head_forward(inputs)
+        return out.reshape(int(out.shape[0]), *out.shape[1:])  # int() fixes the batch
+
+    model.decode_head.forward = fixed_batch
+    with pytest.raises(ValueError, match='cannot be exported with a dynamic batch and size: '
+                       'Constraints violated'):
+        export_onnx(model, str(tmp_path / 'fixed.onnx'), (32, 32), batch=2, dynamic=True)
+    path = tmp_path / 'static.onnx'
+    export_onnx(model, str(path), (32, 32))
+    assert verify_onnx(str(path), model, [_images(1, 32, 32, 3)])[0]['max_abs_error'] <= TOL

@@ -42,6 +42,9 @@ INPUT_NAME = 'input'
 OUTPUT_NAMES = {'seg': ('logits', 'label'), 'cls': ('logits', 'scores')}
 DEPLOY_PACKAGES = ('onnx', 'onnxruntime', 'onnxscript')
 INSTALL_HINT = 'pip install -e ".[deploy]" (onnx, onnxruntime, onnxscript)'
+# what torch.export raises when the model's code fixes a size that was asked to be dynamic
+_SHAPE_ERRORS = (torch._dynamo.exc.UserError,
+                 torch.fx.experimental.symbolic_shapes.ConstraintViolationError)
 
 
 def require_onnx() -> None:
@@ -174,8 +177,13 @@ def export_onnx(model: nn.Module, path: str, shape: Sequence[int], batch: int = 
     dynamic_shapes = _dynamic_shapes(divisor) if dynamic else None
     start = time.perf_counter()
     with torch.no_grad(), export_rewrites(), _quiet_optimizer():
-        program = torch.export.export(wrapper, (example, ), dynamic_shapes=dynamic_shapes,
-                                      strict=False)
+        try:
+            program = torch.export.export(wrapper, (example, ),
+                                          dynamic_shapes=dynamic_shapes, strict=False)
+        except _SHAPE_ERRORS as exc:  # a size the model's code fixes (e.g. mmseg's Swin)
+            raise ValueError(f'the model cannot be exported with a dynamic batch and size: '
+                             f'{_first_line(exc)}; export it without --dynamic-shape'
+                             ) from None
         if dynamic:
             _check_not_fixed(program, example, divisor)
         onnx_program = torch.onnx.export(
@@ -189,6 +197,8 @@ def export_onnx(model: nn.Module, path: str, shape: Sequence[int], batch: int = 
         raise ValueError(f'--out {path}: cannot create {directory}: '
                          f'{exc.strerror or exc}') from None
     onnx_program.save(path)
+    if dynamic:
+        _check_onnx_at_another_size(path, wrapper, example, divisor)
     return ExportReport(path, wrapper.task, (h, w), batch, dynamic, opset,
                         os.path.getsize(path), time.perf_counter() - start,
                         output_names=OUTPUT_NAMES[wrapper.task])
@@ -207,18 +217,55 @@ def _quiet_optimizer():
         logger.setLevel(level)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _other_input(example: Tensor, divisor: int) -> Tensor:
+    """A batch one larger and an image one patch taller, two wider than ``example``."""
+    b, c, h, w = example.shape
+    return torch.randn(b + 1, c, h + divisor, w + 2 * divisor,
+                       generator=torch.Generator().manual_seed(1))
+
+
+def _check_onnx_at_another_size(path: str, wrapper: nn.Module, example: Tensor,
+                                divisor: int, tolerance: float = 1e-2) -> None:
+    """The written graph in onnxruntime against the model at another batch and size. An
+    operator whose ONNX translation keeps the traced size (the exporter drops shape
+    checks) gives other results there: the file is removed and a ``ValueError`` says so.
+    ``tolerance`` bounds ``max |onnx - torch| / max |torch|`` of the logits, far above
+    float32 rounding and MiTA's near-tied routing decisions (docs/deployment.md)."""
+    import os
+    x = _other_input(example, divisor)
+    with torch.no_grad():
+        expected = wrapper(x)[0]
+    scale = float(expected.abs().max()) or 1.0
+    try:
+        got = run_onnx(path, x)[0]
+    except Exception as exc:  # onnxruntime's own error types (e.g. an index out of range)
+        problem = f'onnxruntime fails: {_first_line(exc)}'
+    else:
+        error = (float((got - expected).abs().max()) if got.shape == expected.shape
+                 else float('inf'))
+        problem = (None if error <= tolerance * scale else
+                   f'max abs error {error:.3g} for logits up to {scale:.3g}')
+    if problem is not None:
+        os.remove(path)
+        raise ValueError(f'the dynamic-shape graph differs from the model at input '
+                         f'{tuple(x.shape)} ({problem}): an operator kept the traced size; '
+                         'export it without --dynamic-shape')
+
+
 def _check_not_fixed(program, example: Tensor, divisor: int) -> None:
     """Run the exported program on a batch of another size: the size checks that the
     tracer added (``Guard failed``) fail there when the graph is fixed to the traced
     size, which the ONNX graph would silently be."""
-    b, c, h, w = example.shape
-    other = torch.zeros(b + 1, c, h + divisor, w + 2 * divisor)
     try:
-        program.module()(other)
+        program.module()(_other_input(example, divisor))
     except (AssertionError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f'the model traces to a graph fixed to input {tuple(example.shape)} '
-                         f'({first}); export it without --dynamic-shape') from None
+                         f'({_first_line(exc)}); export it without --dynamic-shape') from None
 
 
 def _session(path: str, threads: Optional[int] = None):
