@@ -103,4 +103,5 @@ visualisation:   $VIS   (image+ground truth | image+prediction)
 coding rate during training (CodingRateHook): $ANALYSIS/coding_rate_training.png (.csv)
 coding rate, trained vs untrained, per layer: $ANALYSIS/coding_rate.png (.csv; learned_* = trained - init)
 $(tail -n1 "$ANALYSIS.txt")
+export to ONNX (docs/deployment.md): $PY tools/deployment/pytorch2onnx.py $CONFIG $CKPT --out $WORK_DIR/model.onnx --dynamic-shape --verify --cfg-options test_dataloader.dataset.data_root=$DATA_ROOT
 REPORT
