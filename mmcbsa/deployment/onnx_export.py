@@ -42,6 +42,7 @@ INPUT_NAME = 'input'
 OUTPUT_NAMES = {'seg': ('logits', 'label'), 'cls': ('logits', 'scores')}
 DEPLOY_PACKAGES = ('onnx', 'onnxruntime', 'onnxscript')
 INSTALL_HINT = 'pip install -e ".[deploy]" (onnx, onnxruntime, onnxscript)'
+MIN_OPSET = 18
 # what torch.export raises when the model's code fixes a size that was asked to be dynamic
 _SHAPE_ERRORS = (torch._dynamo.exc.UserError,
                  torch.fx.experimental.symbolic_shapes.ConstraintViolationError)
@@ -168,6 +169,13 @@ def export_onnx(model: nn.Module, path: str, shape: Sequence[int], batch: int = 
     require_onnx()
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f'--batch must be a positive integer, got {batch!r}')
+    import onnx
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        # below 18 the exporter converts down, which fails for these graphs (and then
+        # silently keeps opset 18)
+        raise ValueError(f'--opset must be between {MIN_OPSET} (the exporter\'s lowest) and '
+                         f'{newest} (the installed onnx), got {opset!r}')
     divisor = size_divisor(model)
     h, w = check_shape(shape, divisor)
     wrapper = DeployModel(model.eval()).eval()

@@ -99,9 +99,10 @@ def _adaptive_avg_pool_forward(self, input: Tensor) -> Tensor:  # noqa: A002 (to
 @contextlib.contextmanager
 def export_rewrites() -> Iterator[None]:
     """Apply the rewrites of this module for the duration of the block."""
-    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in _targets()]
+    targets = _targets()
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in targets]
     try:
-        for (owner, attr, new) in _targets():
+        for owner, attr, new in targets:
             setattr(owner, attr, new)
         yield
     finally:

@@ -38,7 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='batch, height and width symbolic in the graph (any batch; any '
                         'multiple of the patch size)')
     parser.add_argument('--batch', type=int, default=1, help='images in the traced batch')
-    parser.add_argument('--opset', type=int, default=18, help='ONNX opset version (default 18)')
+    parser.add_argument('--opset', type=int, default=18,
+                        help='ONNX opset version, 18 (default, the lowest the exporter '
+                        'writes) up to the installed onnx\'s newest')
     parser.add_argument('--verify', action='store_true',
                         help="run onnxruntime on a test image of the config's dataset (or "
                         '--verify-image) resized to the traced size, and, with '
@@ -72,6 +74,8 @@ def _verify_batches(cfg, model, shape, dynamic: bool, batch: int, image, divisor
                                     '--verify-image IMG, or set the dataset with '
                                     '--cfg-options test_dataloader.dataset.data_root=PATH)'
                                     ) from None
+        except AssertionError as exc:  # mmcv's LoadImageFromFile: not an image it can read
+            raise ValueError(f'--verify: {exc}') from None
         with torch.no_grad():
             x = model.data_preprocessor(data, False)['inputs'].float()
         batches.append(x.expand(n, -1, -1, -1).contiguous())
