@@ -299,9 +299,9 @@ def verify_onnx(path: str, model: nn.Module, images: Sequence[Tensor]) -> List[D
     ``images``.
 
     Returns:
-        One dict per batch: ``shape``, ``max_abs_error`` (first output: logits),
-        ``max_abs_error_second`` (label map or scores; for a label map, the share of
-        pixels whose class differs, ``label_mismatch``).
+        One dict per batch: ``shape``, ``max_abs_error`` (of the logits) and, for a
+        segmentor, ``label_mismatch`` (share of pixels whose label differs) or, for a
+        classifier, ``max_abs_error_scores``.
     """
     wrapper = DeployModel(model.eval()).eval()
     session = _session(path)
