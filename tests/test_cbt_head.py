@@ -6,17 +6,19 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import fixture_params, load_fixture
 from mmseg.registry import MODELS
 from seg_helpers import (REPO, assert_all_grads, check_head_matches_fixture,
                          check_resize_concat_head, check_segmentor_loss_and_grads,
                          check_segmentor_predict, layer_norm_ref, randomise_layer_norms,
-                         tiny_vit_segmentor, train_on_mini_data)
+                         seg_samples, tiny_vit_segmentor, train_on_mini_data)
 
 import mmcbsa  # noqa: F401  (registers CBTHead)
 from mmcbsa.converters import (cbt_head_kwargs_from_reference, convert_cbt_decoder,
                                convert_cbt_segmenter, infer_cbt_decoder_config)
 from mmcbsa.models.decode_heads import ClassMaskHead, PreNormAttnLayer
+from mmcbsa.models.decode_heads.class_mask_head import resize_separable
 
 TOL = 1e-4
 
@@ -258,3 +260,51 @@ def test_mita_segmenter_trains_with_train_tool(tmp_path):
     assert 'backbone.layers.0.attn.qkv.weight' in sd  # MiTA's projection
     assert sd['decode_head.layers.0.attn.step_x'].shape == (3, )  # CBSA in the head
     assert re.search(rf'Iter\(train\) \[{iters}/{iters}\]', log)
+
+
+# ------------------------------------------------------- the loss's separable resize
+@pytest.mark.parametrize('align_corners', [False, True])
+@pytest.mark.parametrize('src, dst', [((4, 4), (32, 32)), ((5, 7), (43, 61)),
+                                      ((9, 6), (4, 5)), ((3, 3), (3, 3))])
+def test_resize_separable_is_bilinear_interpolation(src, dst, align_corners):
+    """The loss's resize equals ``F.interpolate(mode='bilinear')`` (up, down, non-square,
+    same size), values and gradient, and stays float32 under bfloat16 autocast."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *src, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, *dst, dtype=torch.float64)
+    ref = F.interpolate(x, dst, mode='bilinear', align_corners=align_corners)
+    (ref_grad, ) = torch.autograd.grad(ref, x, g)
+    out = resize_separable(x, dst, align_corners)
+    (out_grad, ) = torch.autograd.grad(out, x, g)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out_grad, ref_grad, rtol=0, atol=1e-12)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        low = resize_separable(x.detach().float(), dst, align_corners)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, ref.detach().float(), rtol=0, atol=1e-5)
+
+
+def test_resize_separable_hand_example():
+    """2 -> 4 pixels, align_corners=False: sources at -0.25, 0.25, 0.75, 1.25 (clamped)."""
+    x = torch.tensor([[[[0., 4.]]]])
+    out = resize_separable(x, (1, 4), False)
+    torch.testing.assert_close(out, torch.tensor([[[[0., 1., 3., 4.]]]]))
+
+
+def test_loss_equals_mmseg_resize_loss():
+    """The head's loss (separable resize first) equals mmseg's ``BaseDecodeHead`` loss
+    (its own bilinear resize) on the same logits: values and the logits' gradient."""
+    from mmseg.models.decode_heads.decode_head import BaseDecodeHead
+    torch.manual_seed(0)
+    head = build_head()
+    samples = seg_samples(2, 43, 61, 5)
+    logits = torch.randn(2, 5, 6, 8, requires_grad=True)
+    ours = head.loss_by_feat(logits, samples)
+    (ours_grad, ) = torch.autograd.grad(ours['loss_ce'], logits)
+    ref = BaseDecodeHead.loss_by_feat(head, logits, samples)
+    (ref_grad, ) = torch.autograd.grad(ref['loss_ce'], logits)
+    assert set(ours) == set(ref) == {'loss_ce', 'acc_seg'}
+    torch.testing.assert_close(ours['loss_ce'], ref['loss_ce'], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours['acc_seg'], ref['acc_seg'])
+    torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-5, atol=1e-9)

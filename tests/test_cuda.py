@@ -155,3 +155,22 @@ def test_cbsa_fp16_gradients_with_a_cpu_grad_scaler():
     zero_plain, zero_scaled, err = cbsa_fp16_input_gradients('cpu', scaled_backward)
     assert zero_plain > 0.5, zero_plain
     assert zero_scaled < 1e-3 and err <= 1e-2, (zero_scaled, err)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('align_corners', [False, True])
+def test_head_loss_resize_on_cuda(align_corners, no_tf32):
+    """The heads' separable loss resize on CUDA equals the library's bilinear
+    interpolation (values and gradient) at the training configs' sizes, under bfloat16
+    autocast too (the resize stays float32)."""
+    from mmcbsa.models.decode_heads.class_mask_head import resize_separable
+    torch.manual_seed(0)
+    x = torch.randn(2, 150, 32, 32, device='cuda', requires_grad=True)
+    g = torch.randn(2, 150, 512, 512, device='cuda')
+    ref = F.interpolate(x, (512, 512), mode='bilinear', align_corners=align_corners)
+    (ref_grad, ) = torch.autograd.grad(ref, x, g)
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        out = resize_separable(x, (512, 512), align_corners)
+    (out_grad, ) = torch.autograd.grad(out, x, g)
+    assert out.dtype == torch.float32
+    assert rel_err(out, ref) < 1e-5 and rel_err(out_grad, ref_grad) < 1e-5
