@@ -119,13 +119,35 @@ def as_size(v) -> int:
     return v if isinstance(v, torch.SymInt) else int(v)
 
 
-def check_hw_shape(x: Tensor, hw_shape: Optional[Sequence[int]], owner: str) -> Tuple[int, int]:
-    """Validate ``hw_shape`` against the token count of ``x`` (``B, N, C``)."""
-    return _check_hw(x.shape[1], hw_shape, owner)
+class HWShape(tuple):
+    """``(h, w)`` of a patch grid already checked against ``num_tokens`` tokens by
+    :func:`check_hw_shape`. The value is validated once, where it enters (the backbone
+    or head that made the tokens): the attentions of the layers that follow take it
+    as it is when their token count is ``num_tokens``, and check anything else."""
+
+    def __new__(cls, h, w, num_tokens):
+        self = super().__new__(cls, (h, w))
+        self.num_tokens = num_tokens
+        return self
+
+
+def check_hw_shape(x: Tensor, hw_shape: Optional[Sequence[int]], owner: str) -> HWShape:
+    """Validate ``hw_shape`` against the token count of ``x`` (``B, N, C``); returns it as
+    an :class:`HWShape` that later checks of the same ``N`` accept without repeating."""
+    h, w = _check_hw(x.shape[1], hw_shape, owner)
+    return HWShape(h, w, x.shape[1])
 
 
 def _check_hw(num_tokens: int, hw_shape: Optional[Sequence[int]],
               owner: str) -> Tuple[int, int]:
+    if isinstance(hw_shape, HWShape) and hw_shape.num_tokens == num_tokens:
+        return hw_shape[0], hw_shape[1]
+    return validate_hw(num_tokens, hw_shape, owner)
+
+
+def validate_hw(num_tokens: int, hw_shape: Optional[Sequence[int]],
+                owner: str) -> Tuple[int, int]:
+    """The check itself: ``hw_shape`` is ``(h, w)`` with ``0 < h·w <= num_tokens``."""
     if hw_shape is None:
         raise ValueError(f'{owner}: hw_shape=(h, w) of the patch grid is required')
     h, w = as_size(hw_shape[0]), as_size(hw_shape[1])

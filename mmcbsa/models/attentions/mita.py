@@ -274,10 +274,11 @@ class MiTA(BaseModule):
         """The checked patch grid (``None`` where only the legacy pooling needs it) and
         the landmark pooling of §5.1."""
         check_input_width(x, self.embed_dims, 'MiTA')
-        hw = None
+        grid = None
         if not self.legacy_pooling or self.dwc is not None:
-            hw = check_hw_shape(x, hw_shape, 'MiTA')
-        start, ph, pw = patch_span(x.shape[1], hw, self.legacy_pooling, 'MiTA')  # §5.1
+            grid = check_hw_shape(x, hw_shape, 'MiTA')
+        start, ph, pw = patch_span(x.shape[1], grid, self.legacy_pooling, 'MiTA')  # §5.1
+        hw = None if grid is None else (grid[0], grid[1])  # a plain tuple for torch ops
         m = self.num_landmarks
         if m > ph * pw:
             warn_once(f'MiTA-landmarks-{m}-{ph}x{pw}',

@@ -15,7 +15,7 @@ from mmengine.model import ModuleList
 from torch import Tensor
 
 from mmcbsa.registry import register_model
-from ..attentions.base import GridLike, to_grid
+from ..attentions.base import GridLike, check_hw_shape, to_grid
 from .class_mask_head import ClassMaskHead, PreNormAttnLayer, check_sizes
 
 _OWNER = 'CBTHead'
@@ -111,6 +111,7 @@ class CBTHead(ClassMaskHead):
         """``x (B, hw, d)``, ``c (B, n_cls, d)`` -> normalised ``(patches, classes)``."""
         n_cls = c.shape[1]
         t = torch.cat((c, x), dim=1)  # (B, n_cls + hw, d): classes are prefix tokens
+        hw_shape = check_hw_shape(t, hw_shape, _OWNER)  # once for every layer
         for layer in self.layers:
             t = layer(t, hw_shape=hw_shape)  # docs/mechanisms.md §4: t ← t + CBSA(LN(t))
         t = self.decoder_norm(t)

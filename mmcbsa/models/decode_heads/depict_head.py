@@ -16,6 +16,7 @@ from mmengine.model import ModuleList
 from torch import Tensor
 
 from mmcbsa.registry import register_model
+from ..attentions.base import check_hw_shape
 from .class_mask_head import ClassMaskHead, PreNormAttnLayer, check_sizes
 
 _OWNER = 'DEPICTHead'
@@ -143,10 +144,12 @@ class DEPICTHead(ClassMaskHead):
         n_cls = c.shape[1]
         if self.mode == 'sa':
             t = torch.cat((c, x), dim=1)  # (B, n_cls + hw, d), classes first
+            hw_shape = check_hw_shape(t, hw_shape, 'DEPICTHead')  # once for every layer
             for layer in self.layers:
                 t = layer(t, hw_shape=hw_shape)
             t = self.decoder_norm(t)
             return t[:, n_cls:], t[:, :n_cls]
+        hw_shape = check_hw_shape(x, hw_shape, 'DEPICTHead')
         for layer in self.layers:
             x = layer(x, hw_shape=hw_shape)
         patches = self.decoder_norm(x)
