@@ -206,7 +206,8 @@ def mita_segmenter() -> nn.Module:
     scope, cfg = _from_config(
         'cbt/mita-nano_cbt-head_1xb8-mini-ade20k-128x128.py',
         **{'data_preprocessor.size': (32, 32), 'backbone.img_size': 32,
-           'backbone.arch.num_layers': 1, 'backbone.attn_cfg': dict(num_landmarks=4, topk=4),
+           'backbone.arch.num_layers': 1,
+           'backbone.arch.attn_cfg': dict(num_landmarks=4, topk=4),
            'decode_head.num_layers': 1, 'decode_head.num_classes': 5,
            'decode_head.num_reps': 4})
     return _build(scope, cfg)

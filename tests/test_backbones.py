@@ -2,6 +2,7 @@
 arch forward/backward at reduced size and other resolutions, feature maps for mmseg,
 per-layer attention overrides and build-time errors."""
 import copy
+import re
 
 import pytest
 import torch
@@ -251,21 +252,51 @@ def test_mmseg_encoder_decoder_with_white_box_vit():
 # ---------------------------------------------------------------------------------
 # per-layer attention, drop path, position embedding loading, errors
 # ---------------------------------------------------------------------------------
-def test_tail_layers_and_overrides():
+def test_tail_layers_and_per_layer_attention():
+    """The two places a block's attention is set: the arch (every block, and its last
+    ``num_tail_layers`` blocks) and ``layer_cfgs`` (every block, or one dict per block)."""
     arch = dict(base='cbt-tiny', embed_dims=32, num_layers=4, num_heads=2,
                 attn_cfg=dict(head_dims=16, num_reps=4))
-    model = WhiteBoxViT(arch, img_size=64, num_tail_layers=2,
-                        tail_attn_cfg=dict(type='MSSA', head_dims=16),
-                        attn_cfg_override={'0': dict(type='TSSA'), -1: dict(type='MHSA')})
+    tail = dict(arch, num_tail_layers=2, tail_attn_cfg=dict(type='MSSA', head_dims=16))
+    model = WhiteBoxViT(tail, img_size=64,
+                        layer_cfgs=[dict(attn_cfg=dict(type='TSSA')), {}, {},
+                                    dict(attn_cfg=dict(type='MHSA'))])
     kinds = [type(layer.attn).__name__ for layer in model.layers]
     assert kinds == ['TSSA', 'CBSA', 'MSSA', 'MHSA']
-    # a same-type override updates the arch's attention config instead of replacing it
-    model = WhiteBoxViT(arch, img_size=64, attn_cfg=dict(num_reps=(1, 2)))
-    assert model.layers[0].attn.rep_grid == (1, 2) and model.layers[0].attn.head_dims == 16
+    # a same-type attn_cfg updates the arch's attention config instead of replacing it
+    model = WhiteBoxViT(arch, img_size=64, layer_cfgs=dict(attn_cfg=dict(num_reps=(1, 2))))
+    assert all(layer.attn.rep_grid == (1, 2) and layer.attn.head_dims == 16
+               for layer in model.layers)
+    # one key swaps the attention of every block, the tail's too
+    model = WhiteBoxViT(tail, img_size=64, layer_cfgs=dict(attn_cfg=dict(type='MSSA')))
+    assert {type(layer.attn).__name__ for layer in model.layers} == {'MSSA'}
     # mmpretrain-style per-layer block kwargs
     model = WhiteBoxViT(arch, img_size=64,
                         layer_cfgs=[dict(), dict(layout='residual'), dict(), dict()])
     assert [layer.layout for layer in model.layers] == ['ista', 'residual', 'ista', 'ista']
+    # an FFN swapped in through layer_cfgs gets the arch's mlp_ratio width
+    model = WhiteBoxViT(dict(arch, mlp_ratio=2), img_size=64,
+                        layer_cfgs=dict(ffn_cfg=dict(type='FFN'), layout='residual'))
+    assert model.layers[0].ffn.feedforward_channels == 64
+
+
+@pytest.mark.parametrize('key, value, replacement', [
+    ('attn_cfg', dict(type='MSSA'), 'layer_cfgs=dict(attn_cfg='),
+    ('ffn_cfg', dict(type='ISTA'), 'layer_cfgs=dict(ffn_cfg='),
+    ('tail_attn_cfg', dict(type='MSSA'), 'num_tail_layers=n, tail_attn_cfg'),
+    ('num_tail_layers', 1, 'arch=dict(base=..., num_tail_layers'),
+    ('attn_cfg_override', {0: dict(type='MSSA')}, 'layer_cfgs, a list'),
+])
+def test_removed_keys_name_their_replacement(key, value, replacement):
+    with pytest.raises(ValueError, match=rf'{key} was removed; use .*{re.escape(replacement)}'):
+        WhiteBoxViT('cbt-tiny', **{key: value})
+
+
+def test_unknown_keys():
+    with pytest.raises(TypeError, match='attn_cgf'):
+        WhiteBoxViT('cbt-tiny', attn_cgf=dict(type='MSSA'))
+    with pytest.raises(ValueError, match=r"unknown keys \['attn_cfg_override'\].*layer_cfgs"):
+        WhiteBoxViT(dict(base='cbt-tiny', attn_cfg_override={0: dict(type='MSSA')}))
 
 
 def test_drop_path_increases_linearly():
@@ -297,10 +328,8 @@ def test_pos_embed_resized_when_loading_other_resolution():
     (dict(out_type='cls_token', with_cls_token=False), 'with_cls_token'),
     (dict(out_indices=(12, )), 'out_indices'),
     (dict(patch_size=12), 'patch_size'),
-    (dict(num_tail_layers=13), 'num_tail_layers'),
-    (dict(num_tail_layers=1), 'tail_attn_cfg'),
-    (dict(attn_cfg_override={'x': dict(type='MSSA')}), 'attn_cfg_override'),
-    (dict(attn_cfg_override={12: dict(type='MSSA')}), 'attn_cfg_override'),
+    (dict(arch=dict(base='cbt-tiny', num_tail_layers=13)), 'num_tail_layers'),
+    (dict(arch=dict(base='cbt-tiny', num_tail_layers=1)), 'tail_attn_cfg'),
     (dict(layer_cfgs=[dict()] * 3), 'layer_cfgs'),
     (dict(arch=dict(base='cbt-tiny', embed_dims=100)), 'embed_dims'),
 ])
@@ -316,3 +345,29 @@ def test_registered_in_both_scopes():
     from mmseg.registry import MODELS as SEG
     assert PRETRAIN.get('WhiteBoxViT') is WhiteBoxViT
     assert SEG.get('WhiteBoxViT') is WhiteBoxViT
+
+
+def test_hw_shape_is_validated_once_per_forward(monkeypatch):
+    """The patch grid is checked where it enters (the backbone, the head), not again in
+    each block's attention; an attention given it for another token count checks it."""
+    from mmcbsa.models.attentions import base
+    from mmcbsa.models.decode_heads import CBTHead
+    calls = []
+    check = base.validate_hw
+    monkeypatch.setattr(base, 'validate_hw', lambda *a: calls.append(a[2]) or check(*a))
+    model = WhiteBoxViT(dict(base='cbt-tiny', embed_dims=32, num_layers=3, num_heads=2,
+                             attn_cfg=dict(head_dims=16, num_reps=4)),
+                        img_size=64, out_type='featmap')
+    feats = model(torch.randn(1, 3, 64, 80))
+    assert calls == ['WhiteBoxViT']
+    calls.clear()
+    head = CBTHead(in_channels=32, channels=16, num_classes=3, num_layers=2, num_heads=2,
+                   head_dims=8, num_reps=4)
+    head(list(feats))
+    assert calls == ['CBTHead']
+    # a checked grid is trusted for its own token count only
+    grid = base.check_hw_shape(torch.zeros(1, 21, 4), (4, 5), 'test')
+    assert grid == (4, 5) and grid.num_tokens == 21
+    assert base.patch_span(21, grid, False, 'test') == (1, 4, 5)
+    with pytest.raises(ValueError, match=r'hw_shape=\(4, 5\) needs h\*w <= N \(N=19'):
+        base.patch_span(19, grid, False, 'CBSA')

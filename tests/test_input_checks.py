@@ -126,9 +126,10 @@ def test_width_check_compiles_without_graph_break():
 
 # ------------------------------------------------------- WhiteBoxViT minimum size
 def _vit(arch: str, patch_size: int) -> WhiteBoxViT:
+    layer_cfgs = dict(attn_cfg=dict(num_reps=1)) if arch.startswith('cbt') else None
     return WhiteBoxViT(arch=dict(base=arch, embed_dims=32, num_layers=1, num_heads=2),
                        img_size=4 * patch_size, patch_size=patch_size, out_type='featmap',
-                       attn_cfg=dict(num_reps=1) if arch.startswith('cbt') else None)
+                       layer_cfgs=layer_cfgs)
 
 
 @pytest.mark.parametrize('arch, patch, h, w', [

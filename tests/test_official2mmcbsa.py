@@ -359,12 +359,13 @@ def test_cbt_tiny_inherits_its_config(tmp_path, capsys):
     config = (REPO / 'configs' / 'cbt' / 'cbt-tiny_8xb32-lion-150e_in1k.py').resolve()
     text = dst.with_suffix('.py').read_text()
     assert f"_base_ = ['{config}']" in text
-    assert 'model = dict(backbone=dict(attn_cfg=dict(legacy_pooling=True), img_size=32))' \
-        in text
+    assert ('model = dict(backbone=dict(layer_cfgs=dict(attn_cfg=dict(legacy_pooling=True)), '
+            'img_size=32))') in text
     assert 'model keys not filled: none' in out
     cfg, model = _build(dst.with_suffix('.py'))
     assert cfg.model.backbone.arch == 'cbt-tiny' and cfg.model.backbone.img_size == 32
-    assert cfg.model.backbone.attn_cfg.legacy_pooling is True
+    assert cfg.model.backbone.layer_cfgs.attn_cfg.legacy_pooling is True
+    assert all(layer.attn.legacy_pooling for layer in model.backbone.layers)
     load_checkpoint(model, str(dst), map_location='cpu', strict=True)
 
 
@@ -385,7 +386,8 @@ def test_cbt_base_and_large_are_recognised_with_their_configs(arch, d, depth, he
     config = (REPO / 'configs' / 'cbt' / f'{arch}_8xb32-lion-150e_in1k.py').resolve()
     assert _candidates(kind, rec.sizes, configs_root()) == [config]
     over = kind.overrides(_load_config(str(config)).model, kind.model_cfg(rec.sizes))
-    assert over == {'backbone': {'attn_cfg': {'legacy_pooling': True}, 'img_size': 32}}
+    assert over == {'backbone': {'layer_cfgs': {'attn_cfg': {'legacy_pooling': True}},
+                                 'img_size': 32}}
     converted, unused = kind.convert(sd, rec.sizes)
     assert len(converted) == len(sd) and unused == {}
     assert converted[f'backbone.layers.{depth - 1}.attn.in_proj.weight'].shape == (d, d)

@@ -16,15 +16,14 @@ model = dict(
     backbone=dict(
         _delete_=True,
         type='WhiteBoxViT',
-        arch='mita-deit-s',
+        arch=dict(base='mita-deit-s', attn_cfg=dict(num_landmarks=49, topk=49)),
         img_size=(512, 512),
         patch_size=16,
         out_indices=-1,
         out_type='featmap',
         with_cls_token=True,
         final_norm=True,
-        drop_path_rate=0.1,
-        attn_cfg=dict(num_landmarks=49, topk=49)),
+        drop_path_rate=0.1),
     decode_head=dict(
         _delete_=True,
         type='CBTHead',

@@ -5,8 +5,8 @@ _base_ = ['mmpretrain::deit/deit-tiny_4xb256_in1k.py']
 custom_imports = dict(imports=['mmcbsa'], allow_failed_imports=False)
 
 model = dict(
-    backbone=dict(_delete_=True, type='WhiteBoxViT', arch='mita-deit-tiny', img_size=224,
-                  patch_size=16, out_type='cls_token',
-                  attn_cfg=dict(dwc=True)),
+    backbone=dict(_delete_=True, type='WhiteBoxViT',
+                  arch=dict(base='mita-deit-tiny', attn_cfg=dict(dwc=True)),
+                  img_size=224, patch_size=16, out_type='cls_token'),
     head=dict(in_channels=192),
 )

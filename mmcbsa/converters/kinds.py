@@ -54,7 +54,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from mmcbsa.models.backbones.white_box_vit import WhiteBoxViT, merge_cfg
+from mmcbsa.models.backbones.white_box_vit import WhiteBoxViT
 from mmcbsa.registry import SEG_MODELS
 from .cbt_decoder import (cbt_head_kwargs_from_reference, convert_cbt_decoder,
                           convert_cbt_segmenter, infer_cbt_decoder_config)
@@ -388,16 +388,15 @@ def _whitebox_overrides(cand: Mapping, full: Mapping,
     farch = fbb['arch']
     if any(not _same(settings.get(k), farch.get(k)) for k in _ARCH_IDENTITY):
         return None
-    if bb.get('attn_cfg_override') or settings.get('attn_cfg_override') or \
-            farch.get('attn_cfg_override'):
-        return None  # per-layer overrides: only the written model says exactly what it is
-    n_tail = bb.get('num_tail_layers', settings.get('num_tail_layers', 0)) or 0
+    if bb.get('layer_cfgs') or fbb.get('layer_cfgs'):
+        return None  # per-layer changes: only the written model says exactly what it is
+    n_tail = settings.get('num_tail_layers', 0) or 0
     if n_tail != farch.get('num_tail_layers', 0):
         return None
     bb_over: Dict[str, Any] = {}
     for key in ('attn_cfg', 'tail_attn_cfg'):
         want = farch.get(key)
-        have = merge_cfg(settings.get(key), bb.get(key))
+        have = settings.get(key)
         if want is None or have is None:
             if (want is None and have is None) or (key == 'tail_attn_cfg' and not n_tail):
                 continue
@@ -416,8 +415,10 @@ def _whitebox_overrides(cand: Mapping, full: Mapping,
         extra = [n for n in have if n not in want and not _same(have[n], _default(cls, n))]
         if extra:
             return None
-        if diff:
-            bb_over[key] = diff
+        if diff and key == 'tail_attn_cfg':
+            return None  # the arch's own tail: only the written model says it
+        if diff:  # every block's attention, on top of the arch's (WhiteBoxViT)
+            bb_over['layer_cfgs'] = dict(attn_cfg=diff)
     if not _same(bb.get('patch_size', _default(WhiteBoxViT, 'patch_size')), fbb['patch_size']):
         return None
     if not _same(bb.get('img_size', _default(WhiteBoxViT, 'img_size')), fbb['img_size']):

@@ -131,7 +131,8 @@ def primal_vit_model_cfg(config: Mapping, ksvd_weight: float = 0.05) -> dict:
 
     Written the way ``WhiteBoxViT.arch_zoo`` writes Primal.+DeiT (``num_tail_layers``
     Primal blocks given by ``tail_attn_cfg``) and PrimalFormer (``attn_cfg`` Primal in
-    every block; ``attn_cfg_override`` for blocks whose rank differs from block 0's).
+    every block; ``layer_cfgs``, one dict per block, where a block's rank differs from
+    block 0's).
 
     Args:
         config: the reference config: ``img_size``, ``patch_size``, ``embed_dim``,
@@ -158,18 +159,20 @@ def primal_vit_model_cfg(config: Mapping, ksvd_weight: float = 0.05) -> dict:
             raise ValueError(f'primal_vit_model_cfg: low_rank has {len(low_rank)} entries, '
                              f'expected depth={depth}')
         arch['attn_cfg'] = primal(int(low_rank[0]))
-        override = {str(i): dict(low_rank=int(r)) for i, r in enumerate(low_rank)
-                    if int(r) != int(low_rank[0])}
-        if override:
-            arch['attn_cfg_override'] = override
+        per_block = [{} if int(r) == int(low_rank[0]) else dict(attn_cfg=dict(low_rank=int(r)))
+                     for r in low_rank]
     else:
         arch.update(num_tail_layers=int(config.get('num_ksvd_layer', depth)),
                     tail_attn_cfg=primal(int(low_rank)))
+        per_block = []
+    backbone = dict(type='WhiteBoxViT', arch=arch, img_size=config['img_size'],
+                    patch_size=int(config['patch_size']), out_type='cls_token')
+    if any(per_block):
+        backbone['layer_cfgs'] = per_block
     return dict(
         type='KSVDImageClassifier',
         ksvd_weight=ksvd_weight,
-        backbone=dict(type='WhiteBoxViT', arch=arch, img_size=config['img_size'],
-                      patch_size=int(config['patch_size']), out_type='cls_token'),
+        backbone=backbone,
         neck=None,
         head=dict(type='LinearClsHead', num_classes=int(config['num_classes']),
                   in_channels=dim, loss=dict(type='CrossEntropyLoss')))

@@ -20,6 +20,7 @@ from mmengine.model.weight_init import trunc_normal_
 from mmpretrain.models.utils import resize_pos_embed
 from torch import Tensor
 
+from mmcbsa.models.attentions.base import check_hw_shape
 from mmcbsa.models.layers import WhiteBoxBlock
 from mmcbsa.registry import SEG_MODELS, register_model
 from .conv_stem import ConvStem
@@ -66,6 +67,35 @@ def _zoo(names: Sequence[str], family: dict, sizes: dict) -> dict:
     return {name: dict(copy.deepcopy(family), **sizes) for name in names}
 
 
+ARCH_KEYS = frozenset({'base', 'embed_dims', 'num_layers', 'num_heads', 'stem', 'attn_cfg',
+                       'ffn_cfg', 'layout', 'norm_eps', 'mlp_ratio', 'num_tail_layers',
+                       'tail_attn_cfg'})
+# Keys WhiteBoxViT took before its attention was set in two places only (arch,
+# layer_cfgs): each is refused with its replacement.
+REMOVED_KEYS = {
+    'attn_cfg': "layer_cfgs=dict(attn_cfg=...) (every block) or arch=dict(base=..., "
+                "attn_cfg=...)",
+    'ffn_cfg': "layer_cfgs=dict(ffn_cfg=...) or arch=dict(base=..., ffn_cfg=...)",
+    'tail_attn_cfg': "arch=dict(base=..., num_tail_layers=n, tail_attn_cfg=...) or "
+                     "layer_cfgs (a list with one dict per block)",
+    'num_tail_layers': "arch=dict(base=..., num_tail_layers=n, tail_attn_cfg=...)",
+    'attn_cfg_override': "layer_cfgs, a list with one dict per block "
+                         "(e.g. dict(attn_cfg=...) for the blocks to change)",
+}
+
+
+def check_removed_keys(removed: dict) -> None:
+    """A ``ValueError`` naming the replacement of a key WhiteBoxViT no longer takes (a
+    ``TypeError`` for a key it never took, as Python would raise)."""
+    for key in removed:
+        if key in REMOVED_KEYS:
+            raise ValueError(f'WhiteBoxViT: {key} was removed; use {REMOVED_KEYS[key]} '
+                             '(docs: the WhiteBoxViT docstring)')
+    if removed:
+        raise TypeError(f'WhiteBoxViT.__init__() got unexpected keyword arguments '
+                        f'{sorted(removed)}')
+
+
 def merge_cfg(base: Optional[dict], new: Optional[dict]) -> Optional[dict]:
     """``new`` on top of ``base``; a different ``type`` replaces ``base`` entirely
     (keyword arguments of one attention do not apply to another)."""
@@ -85,14 +115,23 @@ class WhiteBoxViT(BaseModule):
     final LayerNorm after the last block (docs/mechanisms.md §1 "Classifier"; the classifier head
     is ``Linear`` on the normalised CLS token).
 
+    A block's attention is set in exactly two places, as in mmpretrain's ViT: the
+    ``arch`` (the family's attention for every block, and for Primal.+DeiT the one of its
+    last blocks) and ``layer_cfgs`` (changes on top of it, for every block or per block).
+    ``layer_cfgs=dict(attn_cfg=dict(type='MSSA'))`` swaps the attention of every block;
+    ``attn_cfg`` merges into the block's config, and a different ``type`` replaces it
+    (keyword arguments of one attention do not apply to another).
+
     Args:
         arch: a name from :attr:`arch_zoo` (``'cbt-tiny'`` ... ``'primalformer-small'``)
             or a dict with ``embed_dims``, ``num_layers``, ``num_heads`` and optionally
-            ``stem`` (``'conv'`` | ``'patch'``), ``attn_cfg``, ``ffn_cfg``,
-            ``layout`` (``'ista'`` | ``'residual'``), ``norm_eps``, ``mlp_ratio``
-            (MLP feed-forward width = ``mlp_ratio · embed_dims``), ``tail_attn_cfg``,
-            ``num_tail_layers``, ``attn_cfg_override``. A dict arch may also name a
-            ``base`` zoo arch and override some of its keys.
+            ``stem`` (``'conv'`` | ``'patch'``), ``attn_cfg`` (every block),
+            ``ffn_cfg``, ``layout`` (``'ista'`` | ``'residual'``), ``norm_eps``,
+            ``mlp_ratio`` (MLP feed-forward width = ``mlp_ratio · embed_dims``),
+            ``num_tail_layers`` / ``tail_attn_cfg`` (the last ``num_tail_layers`` blocks
+            use ``tail_attn_cfg`` merged on ``attn_cfg``: Primal.+DeiT's
+            ``num_ksvd_layer``). A dict arch may name a ``base`` zoo arch and change
+            some of its keys (``attn_cfg`` is merged).
         img_size: training image size; sets the stored position-embedding grid.
         patch_size: patch size ``P`` (conv stem: a power of two).
         in_channels: image channels.
@@ -103,16 +142,10 @@ class WhiteBoxViT(BaseModule):
             applied to the last block's output only (as in mmpretrain/mmseg ViTs).
         with_cls_token: prepend a CLS token.
         final_norm: LayerNorm after the last block.
-        attn_cfg: merged into the arch's attention config of every block (a different
-            ``type`` replaces it), e.g. ``dict(type='MSSA')`` or
-            ``dict(legacy_pooling=True)``.
-        ffn_cfg: merged into the arch's feed-forward config.
-        tail_attn_cfg / num_tail_layers: the last ``num_tail_layers`` blocks use
-            ``tail_attn_cfg`` (Primal.+DeiT: ``num_tail_layers = num_ksvd_layer``).
-        attn_cfg_override: ``{layer_index: attn_cfg}`` (int or numeric-string keys,
-            negative counts from the end), applied last.
-        layer_cfgs: mmpretrain-style extra ``WhiteBoxBlock`` kwargs, one dict for all
-            blocks or a list with one dict per block.
+        layer_cfgs: ``WhiteBoxBlock`` keyword arguments on top of the arch's, one dict
+            for every block or a list with one dict per block; their ``attn_cfg`` and
+            ``ffn_cfg`` are merged into the block's (e.g.
+            ``dict(attn_cfg=dict(legacy_pooling=True))``).
         drop_rate: dropout after adding the position embedding.
         drop_path_rate: stochastic depth, increasing linearly from 0 over the blocks.
         interpolate_mode: position-embedding interpolation mode.
@@ -163,14 +196,12 @@ class WhiteBoxViT(BaseModule):
                  img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16,
                  in_channels: int = 3, out_indices: Union[int, Sequence[int]] = -1,
                  out_type: str = 'cls_token', with_cls_token: bool = True,
-                 final_norm: bool = True, attn_cfg: Optional[dict] = None,
-                 ffn_cfg: Optional[dict] = None, tail_attn_cfg: Optional[dict] = None,
-                 num_tail_layers: Optional[int] = None,
-                 attn_cfg_override: Optional[Dict[Union[int, str], dict]] = None,
+                 final_norm: bool = True,
                  layer_cfgs: Union[dict, Sequence[dict], None] = None,
                  drop_rate: float = 0., drop_path_rate: float = 0.,
                  interpolate_mode: str = 'bicubic', patch_cfg: Optional[dict] = None,
-                 norm_cfg: Optional[dict] = None, init_cfg=None) -> None:
+                 norm_cfg: Optional[dict] = None, init_cfg=None, **removed) -> None:
+        check_removed_keys(removed)
         super().__init__(init_cfg=init_cfg)
         self.arch_settings = self.resolve_arch(arch)
         s = self.arch_settings
@@ -218,16 +249,8 @@ class WhiteBoxViT(BaseModule):
         # blocks ----------------------------------------------------------------
         if norm_cfg is None:
             norm_cfg = dict(type='LN', eps=s.get('norm_eps', 1e-5))
-        attn_cfgs = self._layer_attn_cfgs(attn_cfg, tail_attn_cfg, num_tail_layers,
-                                          attn_cfg_override)
-        for cfg in attn_cfgs:  # e.g. PrimalAttention fixes its sample count from N_train
-            self._fill_train_tokens(cfg, num_patches + self.num_extra_tokens)
+        attn_cfgs = self._arch_attn_cfgs()
         base_ffn = copy.deepcopy(s.get('ffn_cfg', dict(type='ISTA')))
-        if ffn_cfg is not None:
-            base_ffn = merge_cfg(base_ffn, ffn_cfg)
-        if base_ffn['type'] in ('FFN', 'mmcv.FFN'):
-            base_ffn.setdefault('feedforward_channels',
-                                int(s.get('mlp_ratio', 4) * self.embed_dims))
         if isinstance(layer_cfgs, dict) or layer_cfgs is None:
             layer_cfgs = [dict(layer_cfgs or {}) for _ in range(self.num_layers)]
         if len(layer_cfgs) != self.num_layers:
@@ -246,6 +269,11 @@ class WhiteBoxViT(BaseModule):
             if 'ffn_cfg' in extra:
                 cfg['ffn_cfg'] = merge_cfg(cfg['ffn_cfg'], extra.pop('ffn_cfg'))
             cfg.update(extra)
+            if cfg['ffn_cfg']['type'] in ('FFN', 'mmcv.FFN'):
+                cfg['ffn_cfg'].setdefault('feedforward_channels',
+                                          int(s.get('mlp_ratio', 4) * self.embed_dims))
+            # e.g. PrimalAttention fixes its sample count from the tokens at img_size
+            self._fill_train_tokens(cfg['attn_cfg'], num_patches + self.num_extra_tokens)
             layers.append(WhiteBoxBlock(**cfg))
         self.layers = nn.ModuleList(layers)
         self.final_norm = final_norm
@@ -274,6 +302,13 @@ class WhiteBoxViT(BaseModule):
                                  f'{sorted(cls.arch_zoo)} or give a dict')
             return copy.deepcopy(cls.arch_zoo[key])
         arch = copy.deepcopy(dict(arch))
+        unknown = sorted(set(arch) - ARCH_KEYS)
+        if unknown:
+            raise ValueError(f'WhiteBoxViT: arch has unknown keys {unknown}'
+                             + ('' if 'attn_cfg_override' not in unknown else
+                                ' (attn_cfg_override: use layer_cfgs, a list with one dict '
+                                'per block, e.g. [..., dict(attn_cfg=...)])')
+                             + f'; the keys are {sorted(ARCH_KEYS)}')
         base = arch.pop('base', None)
         settings = cls.resolve_arch(base) if base is not None else {}
         if 'attn_cfg' in arch and 'attn_cfg' in settings:
@@ -286,34 +321,19 @@ class WhiteBoxViT(BaseModule):
                                  f'got {value!r}')
         return settings
 
-    def _layer_attn_cfgs(self, attn_cfg, tail_attn_cfg, num_tail_layers,
-                         attn_cfg_override) -> List[dict]:
+    def _arch_attn_cfgs(self) -> List[dict]:
+        """Each block's attention config as the arch gives it (before ``layer_cfgs``)."""
         s, depth = self.arch_settings, self.num_layers
-        base = merge_cfg(s.get('attn_cfg', dict(type='CBSA')), attn_cfg)
-        tail = merge_cfg(s.get('tail_attn_cfg'), tail_attn_cfg)
-        n_tail = s.get('num_tail_layers', 0) if num_tail_layers is None else num_tail_layers
+        base = copy.deepcopy(s.get('attn_cfg', dict(type='CBSA')))
+        tail = s.get('tail_attn_cfg')
+        n_tail = s.get('num_tail_layers', 0)
         if isinstance(n_tail, bool) or not isinstance(n_tail, int) or not 0 <= n_tail <= depth:
-            raise ValueError(f'WhiteBoxViT: num_tail_layers must be an integer in '
+            raise ValueError(f'WhiteBoxViT: arch num_tail_layers must be an integer in '
                              f'[0, num_layers={depth}], got {n_tail!r}')
         if n_tail and tail is None:
-            raise ValueError('WhiteBoxViT: num_tail_layers > 0 needs tail_attn_cfg')
-        cfgs = [copy.deepcopy(base) for _ in range(depth)]
-        for i in range(depth - n_tail, depth):
-            cfgs[i] = merge_cfg(base, tail)
-        overrides = dict(s.get('attn_cfg_override') or {})
-        overrides.update(attn_cfg_override or {})
-        for key, cfg in overrides.items():
-            try:
-                idx = int(key)
-            except (TypeError, ValueError):
-                raise ValueError(f'WhiteBoxViT: attn_cfg_override keys must be layer '
-                                 f'indices, got {key!r}') from None
-            j = idx + depth if idx < 0 else idx
-            if not 0 <= j < depth:
-                raise ValueError(f'WhiteBoxViT: attn_cfg_override index {idx} is out of '
-                                 f'range for num_layers={depth}')
-            cfgs[j] = merge_cfg(cfgs[j], cfg)
-        return cfgs
+            raise ValueError('WhiteBoxViT: arch num_tail_layers > 0 needs tail_attn_cfg')
+        return [merge_cfg(base, tail) if i >= depth - n_tail else copy.deepcopy(base)
+                for i in range(depth)]
 
     @staticmethod
     def _fill_train_tokens(attn_cfg: dict, num_tokens: int) -> None:
@@ -379,6 +399,7 @@ class WhiteBoxViT(BaseModule):
                                  mode=self.interpolate_mode,
                                  num_extra_tokens=self.num_extra_tokens)
         x = self.drop_after_pos(x)
+        hw_shape = check_hw_shape(x, hw_shape, 'WhiteBoxViT')  # once for every block
         outs = []
         for i, layer in enumerate(self.layers):
             x = layer(x, hw_shape=hw_shape)
