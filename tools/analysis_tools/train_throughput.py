@@ -18,6 +18,10 @@ must:
 * data: synthetic images already of ``--img-size`` (``tools/misc/make_mini_dataset.py``;
   mmseg's ``ADE20KDataset`` / mmpretrain's ``ImageNet``; no download), loaded and packed
   without augmentation;
+* data loading in the main process (``--workers 0``, the default): the step timer starts
+  after the batch is loaded, so workers would not change the figures, but PyTorch waited
+  about 5 s per worker to shut down the never-ending training iterator of each model
+  (measured: 20 s of the 23-26 s "with building" per model on the H200 machine);
 * ``--batch-size`` images per iteration, ``--warmup`` + ``--iters`` iterations of
   mmengine's ``IterBasedTrainLoop``, no validation, no checkpoints, no pretrained
   weights (random initialisation: speed does not depend on the weights);
@@ -101,7 +105,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--iters', type=int, default=20, help='timed iterations')
     parser.add_argument('--num-images', type=int, default=16,
                         help='synthetic training images written once into --work-dir')
-    parser.add_argument('--workers', type=int, default=4, help='data loader workers')
+    parser.add_argument('--workers', type=int, default=0,
+                        help='data loader workers (default 0: loading is not timed, and '
+                        'each worker cost about 5 s per model when the never-ending '
+                        'training iterator was shut down)')
     add_cfg_options_arg(parser, 'model.backbone.num_layers=2, applied to every model '
                         'config: a smaller smoke run', default={})
     parser.add_argument('--work-dir', default='work_dirs/train_throughput')
