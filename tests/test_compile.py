@@ -279,3 +279,35 @@ def test_rel_err_by_hand():
     assert rel_err(torch.tensor([1e-3]), torch.zeros(1)) == pytest.approx(1e-3)
     with pytest.raises(AssertionError, match=re.escape('relative errors above')):
         compare_runs((a, None, {}), (b, None, {}), 0.1, 'x')
+
+
+def test_size_warning_under_compile_is_given_without_a_graph_break():
+    """A size warning inside an attention's forward (CBSA with more representatives than
+    patches) is given while dynamo traces, not by a graph break (which made dynamo
+    recompile the rest of the forward with dynamic shapes, and inductor then failed on
+    the adaptive pooling), in training and in inference."""
+    import warnings
+
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+
+    from mmcbsa.ops import once
+    from mmcbsa.registry import build_model
+    for training in (True, False):
+        once._WARNED.clear()
+        torch._dynamo.reset()
+        counters.clear()
+        model = build_model(dict(type='CBSA', embed_dims=16, num_heads=2,
+                                 num_reps=36)).train(training)
+        x = torch.randn(2, 17, 16, requires_grad=training)
+        counter = CompileCounter()
+        compiled = torch.compile(lambda t: model(t, hw_shape=(4, 4)), backend=counter)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            out = compiled(x)
+            compiled(x)
+        breaks = dict(counters['graph_break'])
+        assert not breaks and counter.frame_count == 1, (training, breaks)
+        messages = [str(w.message) for w in caught if 'representatives' in str(w.message)]
+        assert len(messages) == 1 and 'num_reps' in messages[0], messages
+        torch.testing.assert_close(out, model(x, hw_shape=(4, 4)))
