@@ -184,6 +184,10 @@ def test_resume_from_path(tiny, trained, tmp_path):
     ('test.py', [MAIN_CONFIG, 'missing.pth'], 'checkpoint not found: missing.pth'),
     ('train.py', [MAIN_CONFIG, '--cfg-options', 'train_dataloader.dataset.data_root=nowhere'],
      "No such file or directory: 'nowhere/"),
+    # a model the config cannot build (here a WhiteBoxViT key that was removed)
+    ('train.py', [REPO / 'configs/cbt/cbt-nano-p8_1xb8-lion-2e_mini-in1k-64px.py',
+                  '--cfg-options', 'model.backbone.attn_cfg.num_reps=4'],
+     'attn_cfg was removed; use layer_cfgs=dict(attn_cfg=...)'),
 ])
 def test_user_mistakes_are_one_line(tool, args, message, tmp_path):
     """A missing config, checkpoint or dataset: one ``TOOL: error: ...`` line on

@@ -123,7 +123,8 @@ def main(argv=None):
     with user_errors('test.py'):  # a mistake in the arguments / config: one line
         cfg = build_cfg(args)
     with missing_data('test.py'):
-        runner = build_runner(cfg)  # gloo + CPU DDP when CUDA is unavailable
+        with user_errors('test.py'):  # a model the config cannot build: one line
+            runner = build_runner(cfg)  # gloo + CPU DDP when CUDA is unavailable
         with user_errors('test.py'):  # weights that do not fit: one line, exit status 2
             model = runner.model
             while hasattr(model, 'module'):  # DDP / test-time-augmentation wrappers

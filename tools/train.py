@@ -90,7 +90,8 @@ def main(argv=None):
         cfg, amp_note = build_cfg(args)
     with missing_data('train.py'):
         # CPU-only machines: gloo process group + DDP without device ids (no-op with CUDA)
-        runner = build_runner(cfg)
+        with user_errors('train.py'):  # a model the config cannot build: one line
+            runner = build_runner(cfg)
         if amp_note is not None:
             runner.logger.info(amp_note)
         runner.train()
