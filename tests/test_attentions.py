@@ -12,12 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import fixture_params, load_fixture
+from reference_configs import white_box_attention
 from mmpretrain.registry import MODELS as PRETRAIN_MODELS
 from mmseg.registry import MODELS as SEG_MODELS
 from torch.func import functional_call
 
 import mmcbsa  # noqa: F401
-from mmcbsa.converters import attention_kwargs_from_reference, convert_attention
+from mmcbsa.converters import convert_attention
 
 ATTENTIONS = ('CBSA', 'MSSA', 'TSSA', 'MHSA')
 
@@ -137,7 +138,7 @@ def square_hw(n_tokens, prefix=1):
 # ----------------------------------------------------------------------------------------
 def _parity(kind, path):
     fx = load_fixture(path)
-    cfg = dict(type=kind.upper(), **attention_kwargs_from_reference(kind, fx['config']))
+    cfg = white_box_attention(kind, fx['config'])
     model = build(cfg).eval()
     model.load_state_dict(convert_attention(kind, fx['state_dict']))
     x = fx['input']

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import fixture_params, load_fixture
+from reference_configs import white_box_classifier
 from mmengine.registry import DefaultScope
 
 import mmcbsa  # noqa: F401
-from mmcbsa.converters.white_box_vit import convert_white_box_vit, white_box_vit_model_cfg
+from mmcbsa.converters import convert_white_box_vit
 from mmcbsa.models.attentions.primal import PrimalAttention, collect_ksvd_loss
 from mmcbsa.models.backbones import ConvStem, WhiteBoxViT
 
@@ -28,8 +29,8 @@ def _pretrain_build(cfg):
 @pytest.mark.parametrize('path', fixture_params('vit_'))
 def test_reference_classifier_parity(path):
     fx = load_fixture(path)
-    model = _pretrain_build(white_box_vit_model_cfg(fx['config']))
-    state = convert_white_box_vit(fx['state_dict'], fx['config'])
+    model = _pretrain_build(white_box_classifier(fx['config']))
+    state = convert_white_box_vit(fx['state_dict'], fx['config']['attn'])
     model.load_state_dict(state, strict=True)
     model.eval()
     with torch.no_grad():
@@ -45,10 +46,10 @@ def test_converter_rejects_incomplete_state_dict():
     sd = dict(fx['state_dict'])
     sd.pop('mlp_head.1.bias')
     with pytest.raises(KeyError, match='mlp_head.1.bias'):
-        convert_white_box_vit(sd, fx['config'])
+        convert_white_box_vit(sd, fx['config']['attn'])
     sd = dict(fx['state_dict'], extra_param=torch.zeros(1))
     with pytest.raises(KeyError, match='extra_param'):
-        convert_white_box_vit(sd, fx['config'])
+        convert_white_box_vit(sd, fx['config']['attn'])
 
 
 # ---------------------------------------------------------------------------------

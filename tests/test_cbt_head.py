@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import fixture_params, load_fixture
+from reference_configs import cbt_head
 from mmseg.registry import MODELS
 from seg_helpers import (REPO, assert_all_grads, check_head_matches_fixture,
                          check_resize_concat_head, check_segmentor_loss_and_grads,
@@ -15,8 +16,8 @@ from seg_helpers import (REPO, assert_all_grads, check_head_matches_fixture,
                          seg_samples, tiny_vit_segmentor, train_on_mini_data)
 
 import mmcbsa  # noqa: F401  (registers CBTHead)
-from mmcbsa.converters import (cbt_head_kwargs_from_reference, convert_cbt_decoder,
-                               convert_cbt_segmenter, infer_cbt_decoder_config)
+from mmcbsa.converters import (KINDS, ConvertOptions, convert_cbt_decoder,
+                               convert_segmenter)
 from mmcbsa.models.decode_heads import ClassMaskHead, PreNormAttnLayer
 from mmcbsa.models.decode_heads.class_mask_head import resize_separable
 
@@ -36,8 +37,8 @@ def build_head(**kwargs):
 def test_official_parity(path):
     fx = load_fixture(path)
     cfg = fx['config']
-    head = MODELS.build(dict(type='CBTHead', **cbt_head_kwargs_from_reference(cfg)))
-    head.load_state_dict(convert_cbt_decoder(fx['state_dict'], cfg), strict=True)
+    head = MODELS.build(cbt_head(cfg))
+    head.load_state_dict(convert_cbt_decoder(fx['state_dict']), strict=True)
     head.eval()
     assert head.layers[0].attn.num_reps == cfg['num_reps']
     assert not head.layers[0].attn.legacy_pooling  # reps pooled from the patch grid
@@ -45,11 +46,11 @@ def test_official_parity(path):
 
 
 @pytest.mark.parametrize('path', fixture_params('cbt_decoder'))
-def test_infer_config_matches_fixture_config(path):
+def test_sizes_read_off_the_tensors_match_the_fixture_config(path):
     fx = load_fixture(path)
-    inferred = infer_cbt_decoder_config(fx['state_dict'], num_reps=fx['config']['num_reps'])
-    for key, value in inferred.items():
-        assert fx['config'][key] == value, key
+    opts = ConvertOptions(num_reps=fx['config']['num_reps'])
+    sizes = KINDS['cbt-decoder'].infer(fx['state_dict'], opts, {}).sizes['decode_head']
+    assert dict(sizes, type='CBTHead') == cbt_head(fx['config'])
 
 
 # ------------------------------------------------------------ in-test reference
@@ -220,8 +221,6 @@ def test_build_errors_name_the_parameter(kwargs, name):
 def test_converter_rejects_unknown_and_missing_keys():
     fx = load_fixture(fixture_params('cbt_decoder')[0].values[0])
     sd = dict(fx['state_dict'])
-    with pytest.raises(KeyError, match='n_layers'):
-        convert_cbt_decoder(sd, dict(fx['config'], n_layers=fx['config']['n_layers'] + 1))
     bad = dict(sd, **{'net.layers.0.fn.qkv.weight': torch.zeros(1)})
     with pytest.raises(KeyError, match='qkv'):
         convert_cbt_decoder(bad)
@@ -235,14 +234,14 @@ def test_converter_rejects_unknown_and_missing_keys():
 def test_convert_segmenter_prefixes():
     fx = load_fixture(fixture_params('cbt_decoder')[0].values[0])
     wrapped = {'decoder.' + k: v for k, v in fx['state_dict'].items()}
-    out = convert_cbt_segmenter(wrapped, fx['config'])
-    bare = convert_cbt_decoder(fx['state_dict'], fx['config'])
+    out = convert_segmenter(wrapped, convert_cbt_decoder)
+    bare = convert_cbt_decoder(fx['state_dict'])
     assert set(out) == {'decode_head.' + k for k in bare}
     for k, v in bare.items():
         assert torch.equal(out['decode_head.' + k], v)
     assert out['decode_head.layers.0.attn.step_x'].shape == (fx['config']['n_heads'], )
     with pytest.raises(KeyError, match='optimizer'):
-        convert_cbt_segmenter(dict(wrapped, **{'optimizer.x': torch.zeros(1)}))
+        convert_segmenter(dict(wrapped, **{'optimizer.x': torch.zeros(1)}), convert_cbt_decoder)
 
 
 # ------------------------------------------------- MiTA segmenter: a real training run

@@ -10,13 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import fixture_params, load_fixture
+from reference_configs import primal_classifier
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import DefaultScope
 from mmpretrain.structures import DataSample
 
 import mmcbsa  # noqa: F401
 from mmcbsa.analysis import model_complexity
-from mmcbsa.converters.primal_vit import convert_primal_vit, primal_vit_model_cfg
+from mmcbsa.converters import convert_primal_block_attention, convert_timm_vit
 from mmcbsa.models.attentions.primal import PrimalAttention, collect_ksvd_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,11 +32,15 @@ def _build(cfg):
 # ---------------------------------------------------------------------------------
 # parity with the reference Primal models (docs/mechanisms.md §6, §7)
 # ---------------------------------------------------------------------------------
+def _convert(state_dict):
+    return convert_timm_vit(state_dict, convert_primal_block_attention)
+
+
 @pytest.mark.parametrize('path', fixture_params('primal'))
 def test_primal_reference_parity(path):
     fx = load_fixture(path)
-    model = _build(primal_vit_model_cfg(fx['config']))
-    model.load_state_dict(convert_primal_vit(fx['state_dict'], fx['config']), strict=True)
+    model = _build(primal_classifier(fx['config']))
+    model.load_state_dict(_convert(fx['state_dict']), strict=True)
     model.eval()
     with torch.no_grad():
         logits = model(fx['input'], mode='tensor')
@@ -55,14 +60,14 @@ def test_primal_converter_rejects_unknown_and_missing_keys():
     fx = load_fixture(fixture_params('primal_deit')[0].values[0])
     sd = dict(fx['state_dict'], **{'blocks.0.attn.extra': torch.zeros(1)})
     with pytest.raises(KeyError, match='blocks.0.attn.extra'):
-        convert_primal_vit(sd, fx['config'])
+        _convert(sd)
     sd = dict(fx['state_dict'], extra_param=torch.zeros(1))
     with pytest.raises(KeyError, match=r"unconverted reference keys \['extra_param'\]"):
-        convert_primal_vit(sd, fx['config'])
+        _convert(sd)
     sd = dict(fx['state_dict'])
     sd.pop('head.bias')
     with pytest.raises(KeyError, match="missing reference key 'head.bias'"):
-        convert_primal_vit(sd, fx['config'])
+        _convert(sd)
 
 
 # ---------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import fixture_params, load_fixture
+from reference_configs import depict_head
 from mmseg.registry import MODELS
 from seg_helpers import (check_head_matches_fixture, check_resize_concat_head,
                          check_segmentor_loss_and_grads, check_segmentor_predict,
@@ -14,8 +15,7 @@ from seg_helpers import (check_head_matches_fixture, check_resize_concat_head,
                          tiny_vit_segmentor)
 
 import mmcbsa  # noqa: F401  (registers DEPICTHead)
-from mmcbsa.converters import (convert_depict, convert_depict_segmenter,
-                               depict_head_kwargs_from_reference, infer_depict_config)
+from mmcbsa.converters import KINDS, ConvertOptions, convert_depict, convert_segmenter
 
 TOL = 1e-4
 
@@ -33,18 +33,18 @@ def build_head(**kwargs):
 def test_official_parity(path):
     fx = load_fixture(path)
     cfg = fx['config']
-    head = MODELS.build(dict(type='DEPICTHead', **depict_head_kwargs_from_reference(cfg)))
-    head.load_state_dict(convert_depict(fx['state_dict'], cfg), strict=True)
+    head = MODELS.build(depict_head(cfg))
+    head.load_state_dict(convert_depict(fx['state_dict']), strict=True)
     head.eval()
     check_head_matches_fixture(head, fx, TOL)  # (B, hw, d) row-major patch tokens
 
 
-def test_infer_config_matches_fixture_config():
+def test_sizes_read_off_the_tensors_match_the_fixture_config():
     for path in [p.values[0] for p in fixture_params('depict_')]:
         fx = load_fixture(path)
-        inferred = infer_depict_config(fx['state_dict'])
-        for key, value in inferred.items():
-            assert fx['config'][key] == value, (path.stem, key)
+        kind = KINDS[f"depict-{fx['config']['mode']}-decoder"]
+        sizes = kind.infer(fx['state_dict'], ConvertOptions(), {}).sizes['decode_head']
+        assert dict(sizes, type='DEPICTHead') == depict_head(fx['config']), path.stem
 
 
 # ------------------------------------------------------------ in-test reference
@@ -204,11 +204,11 @@ def test_build_errors_name_the_parameter(kwargs, name):
 
 
 # -------------------------------------------------------------------- converters
-def test_converter_rejects_unknown_keys_and_wrong_mode():
+def test_converter_rejects_unknown_keys_and_mixed_modes():
     fx = load_fixture(fixture_params('depict_sa')[0].values[0])
     sd = dict(fx['state_dict'])
-    with pytest.raises(KeyError, match='mode'):
-        convert_depict(sd, dict(mode='ca'))
+    with pytest.raises(KeyError, match='mixes SA'):
+        convert_depict(dict(sd, **{'cnet.layers.0.fn.proj': torch.zeros(1)}))
     sd['proj_dec.weight'] = torch.zeros(1)
     with pytest.raises(KeyError, match='proj_dec'):
         convert_depict(sd)
@@ -216,8 +216,8 @@ def test_converter_rejects_unknown_keys_and_wrong_mode():
 
 def test_convert_segmenter_rejects_stray_keys():
     with pytest.raises(KeyError, match='optimizer'):
-        convert_depict_segmenter({'decoder.cls_emb': torch.zeros(1, 2, 4),
-                                  'optimizer.x': torch.zeros(1)})
+        convert_segmenter({'decoder.cls_emb': torch.zeros(1, 2, 4),
+                           'optimizer.x': torch.zeros(1)}, convert_depict)
 
 
 @pytest.mark.parametrize('head', ['DEPICTHead', 'CBTHead'])

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import fixture_params, load_fixture
+from reference_configs import mita_attention
 
-from mmcbsa.converters.mita import convert_mita_attention, mita_kwargs_from_reference
+from mmcbsa.converters import convert_mita_attention
 from mmcbsa.ops import once
 from mmcbsa.models.attentions.mita import MiTA
 from mmcbsa.ops import mita_cpu
@@ -121,7 +122,7 @@ def _random_module(dtype=torch.float32, **kwargs):
 def test_mita_matches_reference_fixture(path):
     fx = load_fixture(path)
     cfg, x = fx['config'], fx['input']
-    kwargs = mita_kwargs_from_reference(cfg)
+    kwargs = mita_attention(cfg)
     assert kwargs['topk'] == cfg['kv_topk'] ** 2
     assert kwargs['num_landmarks'] == (cfg['pool_size'], cfg['pool_size'])
     n = x.shape[1]
@@ -646,21 +647,16 @@ def test_mita_converter_variants():
     out = convert_mita_attention(sd, src_prefix='blocks.0.attn.', dst_prefix='attn.')
     assert sorted(out) == ['attn.dwc.bias', 'attn.dwc.weight', 'attn.proj.bias',
                            'attn.proj.weight', 'attn.qkv.weight']
-    kw = mita_kwargs_from_reference(dict(dim=384, num_heads=6), dwc=True)
-    assert kw['topk'] == 25 and kw['dwc'] and kw['legacy_pooling'] and not kw['gate']
     # +DWC,Gate: ``qkvg`` (q, k, v, g chunks) maps one to one
     torch.manual_seed(8)
     ref = MiTA(24, 2, num_landmarks=25, topk=25, dwc=True, gate=True, qkv_bias=False)
     gated_sd = {f'attn.{k}': v for k, v in ref.state_dict().items()}
-    kw = mita_kwargs_from_reference(dict(dim=24, num_heads=2), gate=True)
+    kw = mita_attention(dict(dim=24, num_heads=2), gate=True)
     assert kw['gate'] and kw['dwc'] and kw['topk'] == 25 and kw['num_landmarks'] == (5, 5)
     attn = MiTA(**kw)
     attn.load_state_dict(convert_mita_attention(gated_sd, src_prefix='attn.'), strict=True)
     x = torch.randn(1, 1 + 6 * 6, 24)
     assert torch.equal(attn.qkvg.weight, ref.qkvg.weight)
-    # routed-only: ``kv_topk·2 = 2·P²`` routed keys, no agent expert
-    kw = mita_kwargs_from_reference(dict(dim=24, num_heads=2, pool_size=9), routed=True)
-    assert kw['mode'] == 'routed' and kw['topk'] == 162 and kw['num_landmarks'] == (9, 9)
     with torch.no_grad():
         assert attn(x, hw_shape=(6, 6)).shape == (1, 37, 24)
 

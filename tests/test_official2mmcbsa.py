@@ -150,6 +150,9 @@ def test_every_fixture_file_is_converted_or_refused(path, tmp_path, capsys):
     assert ckpt['meta']['converted_from'] == 'official.pth'
     assert Path(ckpt['meta']['config']) == dst_py.resolve()
 
+    # the written config inherits a committed release config and only overrides it
+    assert re.search(rf"^_base_ = \['{REPO / 'configs'}/\w+/[\w.-]+\.py'\]$",
+                     dst_py.read_text(), re.M), dst_py.read_text()
     cfg, model = _build(dst_py)
     assert cfg.default_scope == expect['scope']
     if expect['scope'] == 'mmpretrain':
@@ -355,12 +358,12 @@ def test_cbt_tiny_inherits_its_config(tmp_path, capsys):
     rc, out, err = _run(capsys, src, dst)
     assert rc == 0, err
     assert 'recognised: cbt-classifier -- ' in out
-    assert 'dim=192, depth=12, heads=3, dim_head=64' in out
+    assert 'embed_dims=192, num_layers=12, num_heads=3, head_dims=64' in out
     config = (REPO / 'configs' / 'cbt' / 'cbt-tiny_8xb32-lion-150e_in1k.py').resolve()
     text = dst.with_suffix('.py').read_text()
     assert f"_base_ = ['{config}']" in text
-    assert ('model = dict(backbone=dict(layer_cfgs=dict(attn_cfg=dict(legacy_pooling=True)), '
-            'img_size=32))') in text
+    assert ('model = dict(backbone=dict(img_size=32, '
+            'layer_cfgs=dict(attn_cfg=dict(legacy_pooling=True))))') in text
     assert 'model keys not filled: none' in out
     cfg, model = _build(dst.with_suffix('.py'))
     assert cfg.model.backbone.arch == 'cbt-tiny' and cfg.model.backbone.img_size == 32
@@ -373,24 +376,64 @@ def test_cbt_tiny_inherits_its_config(tmp_path, capsys):
                                                 ('cbt-large', 1024, 24, 16)])
 def test_cbt_base_and_large_are_recognised_with_their_configs(arch, d, depth, heads):
     """CBT-B/L (which the reference code cannot build) through the converter's library
-    steps: recognised, sizes read, their config found and adapted, converted. No model
-    is built here (26M / 83M parameters); the command-line path is the CBT-T test's."""
-    from mmcbsa.converters.kinds import ConvertOptions, recognise
-    from mmcbsa.converters.official import _candidates, _load_config, configs_root
+    steps: recognised, sizes read, their release config chosen and adapted, converted. No
+    model is built here (26M / 83M parameters); the command-line path is the CBT-T test's."""
+    from mmcbsa.converters import ConvertOptions, recognise
+    from mmcbsa.converters.official import release_overrides
     sd = _official_cbt(d, depth, heads, 1000, grid=2, empty=True)
     kind = recognise(sd)
     assert kind.name == 'cbt-classifier'
     rec = kind.infer(sd, ConvertOptions(), {})
-    assert (rec.sizes['dim'], rec.sizes['depth'], rec.sizes['heads'], rec.sizes['dim_head'],
-            rec.sizes['image_size'], rec.sizes['num_reps']) == (d, depth, heads, 64, 32, 64)
-    config = (REPO / 'configs' / 'cbt' / f'{arch}_8xb32-lion-150e_in1k.py').resolve()
-    assert _candidates(kind, rec.sizes, configs_root()) == [config]
-    over = kind.overrides(_load_config(str(config)).model, kind.model_cfg(rec.sizes))
-    assert over == {'backbone': {'layer_cfgs': {'attn_cfg': {'legacy_pooling': True}},
-                                 'img_size': 32}}
+    assert rec.sizes == dict(embed_dims=d, num_layers=depth, num_heads=heads, head_dims=64,
+                             img_size=32, patch_size=16, num_classes=1000, num_reps=64)
+    config = f'cbt/{arch}_8xb32-lion-150e_in1k.py'
+    assert kind.releases(rec.sizes)[0] == config
+    over = release_overrides(kind, rec.sizes, Config.fromfile(REPO / 'configs' / config).model)
+    assert over == {'backbone': {'img_size': 32,
+                                 'layer_cfgs': {'attn_cfg': {'legacy_pooling': True}}}}
     converted, unused = kind.convert(sd, rec.sizes)
     assert len(converted) == len(sd) and unused == {}
     assert converted[f'backbone.layers.{depth - 1}.attn.in_proj.weight'].shape == (d, d)
+
+
+@pytest.mark.parametrize('head,config', [
+    ('depict-sa', 'depict/depict-sa_vit-b_mask_8xb1-160k_ade20k-512x512.py'),
+    ('cbt', 'cbt/cbt-head_vit-b_mask_8xb1-160k_ade20k-512x512.py')])
+def test_released_segmenter_sizes_inherit_their_release(head, config):
+    """A ViT-B Segmenter checkpoint (released sizes: 12 layers of 768, 512² crops, the
+    decoder's 3 layers of 3 heads) inherits the ViT-B release and overrides only the
+    Segmenter encoder's own settings and the pretrained-weights path; the decoder alone
+    of that width inherits the same release and overrides nothing."""
+    from mmcbsa.converters import ConvertOptions, recognise
+    from mmcbsa.converters.official import release_overrides
+    g = torch.Generator().manual_seed(0)
+    d, n_cls = 768, 150
+    dec = {'cls_emb': torch.randn(1, n_cls, d, generator=g),
+           'decoder_norm.weight': torch.ones(d), 'decoder_norm.bias': torch.zeros(d),
+           'mask_norm.weight': torch.ones(n_cls), 'mask_norm.bias': torch.zeros(n_cls)}
+    for i in range(3):
+        s = f'net.layers.{i}.'
+        dec.update({s + 'norm.weight': torch.ones(d), s + 'norm.bias': torch.zeros(d)})
+        if head == 'cbt':
+            dec.update({s + 'fn.proj.weight': torch.empty(300, d), s + 'fn.step_x': torch.ones(
+                3, 1, 1), s + 'fn.step_rep': torch.ones(3, 1, 1), s + 'fn.to_out.weight':
+                torch.empty(d, 300), s + 'fn.to_out.bias': torch.zeros(d)})
+        else:
+            dec.update({s + 'fn.proj': torch.empty(300, d), s + 'fn.step_size': torch.ones(1)})
+    encoder = {k: torch.empty_like(v) for k, v in
+               _segmenter_encoder(d, 12, 16, 32, 4 * d, 1000).items()}
+    full = {'encoder.' + k: v for k, v in encoder.items()}
+    full.update({'decoder.' + k: v for k, v in dec.items()})
+    release = Config.fromfile(REPO / 'configs' / config).model
+    for sd, over in ((full, {'pretrained': None, 'backbone': {
+            'patch_bias': True, 'norm_cfg': {'eps': 1e-5}, 'interpolate_mode': 'bilinear'}}),
+            (dec, {})):
+        kind = recognise(sd)
+        rec = kind.infer(sd, ConvertOptions(), {})
+        assert kind.releases(rec.sizes)[0] == config
+        assert release_overrides(kind, rec.sizes, release) == over
+        converted, _ = kind.convert(sd, rec.sizes)
+        assert len(converted) == len(sd) - 2 * (sd is full)  # the encoder's own head goes
 
 
 # ------------------------------------------------------------------------- refusals

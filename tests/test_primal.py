@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import fixture_params, load_fixture
+from reference_configs import primal_attention
 
-from mmcbsa.converters.primal import (convert_primal, convert_primal_attention,
-                                      primal_kwargs_from_reference)
+from mmcbsa.converters import convert_primal, convert_primal_attention
 from mmcbsa.models.attentions.primal import PrimalAttention, collect_ksvd_loss
 
 
@@ -56,7 +56,7 @@ class _TinyViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens, dim))
         first_primal = depth - cfg.get('num_ksvd_layer', depth)
         self.blocks = nn.ModuleList([
-            _Block(dim, PrimalAttention(**primal_kwargs_from_reference(cfg, layer=i))
+            _Block(dim, PrimalAttention(**primal_attention(cfg, layer=i))
                    if i >= first_primal else _SoftmaxAttention(dim, cfg['num_heads']))
             for i in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
@@ -236,12 +236,6 @@ def test_primal_converters():
     assert 'blocks.1.attn.w_e' in whole and 'head.weight' in whole and len(whole) == len(sd)
     with pytest.raises(KeyError, match='we'):
         convert_primal_attention({'wr': torch.zeros(1)})
-    cfg = dict(img_size=224, patch_size=16, embed_dim=384, num_heads=6, low_rank=[20] * 12,
-               rank_multi=10, qk_bias=True)
-    with pytest.raises(ValueError, match='layer'):
-        primal_kwargs_from_reference(cfg)
-    kw = primal_kwargs_from_reference(cfg, layer=3)
-    assert kw['num_tokens_train'] == 197 and kw['low_rank'] == 20
 
 
 @pytest.mark.parametrize('num_samples', [1, 2, 3, 7, 17, 50, 151, 197])

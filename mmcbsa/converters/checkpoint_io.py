@@ -1,26 +1,14 @@
-"""Reading reference checkpoints and writing converted ones (used by
-``tools/model_converters/official2mmcbsa.py``).
+"""Reading reference checkpoints (weights only) and writing converted ones.
 
-A reference checkpoint is a parameter dict, possibly wrapped (several times) in
-``{'model': ...}`` or ``{'state_dict': ...}`` next to training state (``epoch``,
-``optimizer``, ``args`` ...), with DataParallel's ``module.`` prefix on its keys:
-
-- CBSA / CRATE / ToST classifiers (CBSA repository ``main.py``):
-  ``{'epoch', 'arch', 'state_dict': <DataParallel, 'module.' keys>, 'best_acc1',
-  'optimizer', 'scheduler'}``;
-- DeiT-style training scripts (MiTA-DeiT, Primal.+DeiT, PrimalFormer):
-  ``{'model', 'optimizer', 'lr_scheduler', 'epoch', 'model_ema', 'scaler', 'args'}``
-  where ``args`` is an ``argparse.Namespace``;
-- Segmenter-style scripts (DEPICT, CBT segmentation): ``{'model', 'optimizer',
-  'n_cls', 'lr_scheduler', ['loss_scaler',] 'epoch'}``.
-
-Loading is always ``torch.load(weights_only=True)``: only tensors, containers, plain
-values and allow-listed classes are unpickled (``argparse.Namespace`` is allowed here:
-rebuilding one only sets attributes). Anything else -- a pickled class, a function
-call -- is refused with :class:`ConversionError`, as are truncated or corrupt files.
-
-A converted checkpoint is ``{'state_dict': ..., 'meta': {'converted_from': <file
-name>, ...}}``, which ``mmengine.runner.load_checkpoint`` reads.
+A reference checkpoint is a parameter dict, possibly wrapped in ``{'model': ...}`` /
+``{'state_dict': ...}`` next to training state, with DataParallel's ``module.`` prefix:
+the CBSA repository's classifiers save ``{'epoch', 'arch', 'state_dict', 'best_acc1',
+'optimizer', 'scheduler'}``; DeiT-style scripts (MiTA-DeiT, Primal) ``{'model',
+'optimizer', 'lr_scheduler', 'epoch', 'model_ema', 'scaler', 'args'}`` (``args`` an
+``argparse.Namespace``, allowed: rebuilding one only sets attributes); Segmenter-style
+scripts (DEPICT, CBT segmentation) ``{'model', 'optimizer', 'n_cls', 'lr_scheduler',
+'epoch'}``. Anything that is not weights-only (a pickled class, a function call) is
+refused with :class:`ConversionError`, as are truncated or corrupt files.
 """
 import argparse
 import os
@@ -44,11 +32,8 @@ _EXTRA_SAFE_GLOBALS = [argparse.Namespace]
 
 
 class ConversionError(ValueError):
-    """A checkpoint, or an option, that the converters refuse.
-
-    The message is one line meant for the user: it names the file or the option and
-    the problem (``tools/model_converters/official2mmcbsa.py`` prints it as is).
-    """
+    """A checkpoint or option the converters refuse; the message is one line for the
+    user, naming the file or option and the problem."""
 
 
 class ReferenceCheckpoint(NamedTuple):
@@ -106,24 +91,11 @@ def _torch_load(path: str) -> Any:
 
 
 def read_reference_checkpoint(path: str) -> ReferenceCheckpoint:
-    """Load a reference checkpoint file and find its parameters.
-
-    Loads with ``weights_only=True`` (see the module docstring), descends into
-    ``'model'`` / ``'state_dict'`` entries while they hold dicts (``'model'`` first,
-    so DeiT's ``'model_ema'`` is not taken), and strips one leading ``module.`` from
-    every key.
-
-    Args:
-        path: the checkpoint file.
-
-    Returns:
-        A :class:`ReferenceCheckpoint`.
-
-    Raises:
-        ConversionError: missing, empty, truncated or corrupt file; a file that is
-            not weights-only; contents that are not a dict of tensors (names the
-            first offending entry).
-    """
+    """Load ``path`` weights-only, descend into ``'model'`` / ``'state_dict'`` while
+    they hold dicts (``'model'`` first: DeiT's ``'model_ema'`` is not taken) and strip
+    one leading ``module.`` from every key. :class:`ConversionError` for a missing,
+    empty, corrupt or not weights-only file, or contents that are not a dict of tensors
+    (naming the first offending entry)."""
     top = _torch_load(path)
     if not isinstance(top, Mapping):
         raise ConversionError(f'{path} holds a {type(top).__name__}, not a dict of '
@@ -158,26 +130,14 @@ def read_reference_checkpoint(path: str) -> ReferenceCheckpoint:
 
 
 def load_reference_state_dict(path: str) -> Dict[str, Tensor]:
-    """The parameters of a reference checkpoint file, on CPU
-    (:func:`read_reference_checkpoint` without the bookkeeping).
-
-    Raises:
-        ConversionError: see :func:`read_reference_checkpoint`.
-    """
+    """The parameters of a reference checkpoint file, on CPU."""
     return read_reference_checkpoint(path).state_dict
 
 
 def save_converted(state_dict: Mapping[str, Tensor], dst: str, src: str, **meta: Any) -> None:
-    """Write ``{'state_dict': state_dict, 'meta': {'converted_from': basename(src),
-    **meta}}`` to ``dst``, creating its directory.
-
-    Args:
-        state_dict: converted parameters.
-        dst: output file.
-        src: the reference file (only its base name is recorded).
-        **meta: more ``meta`` entries (plain values only: the file must stay
-            loadable with ``weights_only=True``).
-    """
+    """Write ``{'state_dict', 'meta': {'converted_from': basename(src), **meta}}``
+    (``meta`` plain values only: the file stays loadable ``weights_only``) to ``dst``,
+    which ``mmengine.runner.load_checkpoint`` reads."""
     os.makedirs(osp.dirname(osp.abspath(dst)), exist_ok=True)
     torch.save(dict(state_dict=dict(state_dict),
                     meta=dict(converted_from=osp.basename(src), **meta)), dst)

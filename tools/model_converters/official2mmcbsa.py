@@ -10,28 +10,29 @@ prefixes or not), and writes
 
 - ``DST``: the converted mmengine checkpoint (``state_dict`` + ``meta``: source file,
   kind, config);
-- ``DST`` with ``.py`` (``out/cbt.pth`` -> ``out/cbt.py``): a config whose model is
-  exactly the checkpoint's, so that ``python tools/test.py out/cbt.py out/cbt.pth`` runs.
+- ``DST`` with ``.py`` (``out/cbt.pth`` -> ``out/cbt.py``): a short config that
+  inherits the committed config of the released model (``configs/``) and overrides
+  what this checkpoint changes, so that ``python tools/test.py out/cbt.py out/cbt.pth``
+  runs.
 
 It prints what it recognised, the sizes it read and those it had to assume, the config
 it wrote, every source key it did not use and every model key it did not fill.
 
 Sizes the tensors cannot tell take the official architecture's value; change them
 with the options below (a value that contradicts the tensors is refused). The kinds and
-their defaults are listed in ``mmcbsa/converters/kinds.py``.
+their official values are listed in ``mmcbsa/converters/kinds.py``.
 
 Exit status: 0 converted; 2 input refused (unreadable, truncated, not weights-only or
 unknown file, impossible or contradictory sizes, options that do not apply) -- one line
-on stderr, no traceback; 1 the conversion could not be verified (a bug: please report).
+on stderr, no traceback; 1 no release config to inherit (a broken install: please report).
 """
 import argparse
 import os
 import os.path as osp
 import sys
 
-from mmcbsa.converters.checkpoint_io import ConversionError
-from mmcbsa.converters.kinds import ConvertOptions
-from mmcbsa.converters.official import ConversionFailed, convert_official_checkpoint
+from mmcbsa.converters import (ConversionError, ConversionFailed, ConvertOptions,
+                               convert_official_checkpoint)
 
 PROG = 'official2mmcbsa'
 
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
         print(f'{PROG}: error: {e}', file=sys.stderr)
         return 2
     except ConversionFailed as e:
-        print(f'{PROG}: conversion could not be verified (please report): {e}',
+        print(f'{PROG}: conversion failed (please report): {e}',
               file=sys.stderr)
         return 1
     for line in report.lines():
