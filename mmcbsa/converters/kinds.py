@@ -31,6 +31,9 @@ from .sizes import (ConvertOptions, Recognised, call_renames, chosen, need, reso
 
 __all__ = ['ConvertOptions', 'Recognised', 'Kind', 'KINDS', 'recognise']
 
+# the classifier of mmpretrain's DeiT configs (VisionTransformerClsHead), which the
+# Primal and MiTA releases inherit
+DEIT_HEAD = 'head.layers.head.'
 # (embed_dims, num_layers, num_heads) of the released sizes, as the config files name them
 SIZE_NAMES = {(192, 12, 3): 'tiny', (384, 12, 6): 'small', (768, 12, 12): 'base',
               (1024, 24, 16): 'large'}
@@ -231,7 +234,8 @@ class PrimalClassifier(Kind):
         return rec
 
     def convert(self, sd, sizes):
-        return call_renames(R.convert_timm_vit, sd, R.convert_primal_block_attention), {}
+        return call_renames(R.convert_timm_vit, sd, R.convert_primal_block_attention, '',
+                            DEIT_HEAD), {}
 
     def releases(self, sizes):
         return ['primal/primalformer-small_4xb256_in1k.py' if self.former
@@ -307,7 +311,7 @@ class MiTADeiT(Kind):
         return rec
 
     def convert(self, sd, sizes):
-        return call_renames(R.convert_timm_vit, sd, R.convert_mita_attention), {}
+        return call_renames(R.convert_timm_vit, sd, R.convert_mita_attention, '', DEIT_HEAD), {}
 
     def releases(self, sizes):
         name = SIZE_NAMES.get((sizes['embed_dims'], sizes['num_layers'], sizes['num_heads']))

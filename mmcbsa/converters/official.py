@@ -20,7 +20,6 @@ decoder-only checkpoint, which the report names) before anything is kept.
 """
 import copy
 import inspect
-import keyword
 import os
 import os.path as osp
 from dataclasses import dataclass, field
@@ -42,9 +41,6 @@ __all__ = ['ConversionFailed', 'ConversionReport', 'convert_official_checkpoint'
            'configs_root', 'config_path_for', 'release_overrides']
 
 _REGISTRIES = {'mmseg': SEG_MODELS, 'mmpretrain': PRETRAIN_MODELS}
-# mmcbsa's renames write LinearClsHead's ``head.fc``; mmpretrain's DeiT configs (the
-# Primal / MiTA releases) use VisionTransformerClsHead's ``head.layers.head``.
-_HEAD_ALIASES = (('head.fc.', 'head.layers.head.'), )
 _MISSING = object()
 
 
@@ -81,7 +77,7 @@ class ConversionReport:
                        '; '.join(f'{k}: {why}' for k, why in self.rec.defaults.items()))
         out += [f'note: {n}' for n in self.rec.notes] + [
             f'config: {self.config} inherits {self.inherited}; overrides: '
-            f'{_fmt(self.overrides) if self.overrides else "none"}',
+            f'{self.overrides or "none"}',
             'source keys not used: ' + ('; '.join(f'{k} ({why})' for k, why in self.unused.items())
                                         or 'none'),
             'model keys not filled: ' + ('; '.join(f'{n} under {p} -- {why}' for p, (n, why)
@@ -178,32 +174,6 @@ def release_overrides(kind: Kind, sizes: Mapping[str, Any], release_model: Mappi
     return out
 
 
-# ------------------------------------------------------------------------ config text
-def _fmt(value: Any, indent: int = 0, width: int = 92) -> str:
-    """Python source of a config value, mmengine style (``dict(a=1)``), wrapped."""
-    pad = ' ' * (indent + 4)
-    if isinstance(value, Mapping):
-        first = [k for k in ('_delete_', 'type') if k in value]  # as configs write them
-        value = {**{k: value[k] for k in first},
-                 **{k: v for k, v in value.items() if k not in first}}
-        ident = all(isinstance(k, str) and k.isidentifier() and not keyword.iskeyword(k)
-                    for k in value)
-        items = [(f'{k}=' if ident else f'{k!r}: ') + _fmt(v, indent + 4, width)
-                 for k, v in value.items()]
-        opening, closing = ('dict(', ')') if ident else ('{', '}')
-    elif isinstance(value, (list, tuple)):
-        items = [_fmt(v, indent + 4, width) for v in value]
-        opening, closing = ('[', ']') if isinstance(value, list) else ('(', ')')
-        if isinstance(value, tuple) and len(value) == 1:
-            items[0] += ','
-    else:
-        return repr(value)
-    one_line = opening + ', '.join(items) + closing
-    if '\n' not in one_line and indent + len(one_line) <= width:
-        return one_line
-    return opening + '\n' + ',\n'.join(pad + i for i in items) + closing
-
-
 # ------------------------------------------------------------------------ build/load
 def _build(model_cfg: Mapping, scope: str) -> torch.nn.Module:
     with DefaultScope.overwrite_default_scope(scope):
@@ -214,17 +184,6 @@ def _build(model_cfg: Mapping, scope: str) -> torch.nn.Module:
             raise ConversionError('the sizes read give an impossible model: '
                                   + ' '.join(message.split())) from None
     return model.eval()
-
-
-def _retarget(state_dict: Mapping[str, Tensor], model_keys) -> Dict[str, Tensor]:
-    """Rename equivalent head prefixes (``_HEAD_ALIASES``) to the model's spelling."""
-    out = dict(state_dict)
-    for ours, theirs in _HEAD_ALIASES:
-        if any(k.startswith(theirs) for k in model_keys) and \
-                not any(k.startswith(ours) for k in model_keys):
-            out = {(theirs + k[len(ours):] if k.startswith(ours) else k): v
-                   for k, v in out.items()}
-    return out
 
 
 def _check_loads(model: torch.nn.Module, state: Mapping[str, Tensor],
@@ -307,18 +266,18 @@ def convert_official_checkpoint(src: str, dst: str,
         over = release_overrides(kind, rec.sizes, _load_config(release).model)
     except (ValueError, TypeError) as e:
         raise ConversionError(f'{src}: the sizes read give an impossible model: {e}') from None
-    text = '\n'.join([
+    body = dict(_base_=[release], **({'model': over} if over else {}))
+    text = '\n'.join([  # mmengine's own config writer
         f'# Written by tools/model_converters/official2mmcbsa.py from {osp.basename(src)}',
         f'# kind: {kind.name} -- {kind.title}', f'# test: python tools/test.py {cfg_path} {dst}',
-        f'_base_ = [{release!r}]'] + ([f'model = {_fmt(over)}'] if over else [])) + '\n'
+        Config(body).pretty_text])
     os.makedirs(osp.dirname(osp.abspath(cfg_path)), exist_ok=True)
     with open(cfg_path, 'w') as f:
         f.write(text)
     try:
         cfg = Config.fromfile(cfg_path)
         model = _build(cfg.model, cfg.get('default_scope') or kind.scope)
-        state = _retarget(converted, model.state_dict().keys())
-        report.not_filled = _check_loads(model, state, kind)
+        report.not_filled = _check_loads(model, converted, kind)
     except ConversionError as e:
         os.remove(cfg_path)
         raise ConversionError(f'{src}: {e}') from None
@@ -329,9 +288,9 @@ def convert_official_checkpoint(src: str, dst: str,
     note = _classes_note(cfg, model)
     if note:
         rec.notes.append(note)
-    save_converted(state, dst, src, kind=kind.name, config=osp.abspath(cfg_path),
+    save_converted(converted, dst, src, kind=kind.name, config=osp.abspath(cfg_path),
                    sizes=rec.sizes)
-    report.written = len(state)
+    report.written = len(converted)
     return report
 
 

@@ -184,15 +184,17 @@ def convert_softmax_attention(state_dict: SD, src_prefix: str = '',
 
 def convert_timm_vit(state_dict: SD,
                      convert_block_attention: Callable[[SD, str, str], Dict[str, Tensor]],
-                     prefix: str = '') -> Dict[str, Tensor]:
-    """timm-layout ViT classifier -> ``ImageClassifier(WhiteBoxViT, LinearClsHead)``;
-    each block's attention by ``convert_block_attention(sd, 'blocks.i.attn.', dst)``,
-    which must take every key under ``blocks.i.attn.``."""
+                     prefix: str = '', head: str = 'head.fc.') -> Dict[str, Tensor]:
+    """timm-layout ViT classifier -> ``ImageClassifier(WhiteBoxViT)`` with the classifier
+    under ``head`` (``LinearClsHead``'s ``head.fc.``; mmpretrain's DeiT configs use
+    ``VisionTransformerClsHead``'s ``head.layers.head.``); each block's attention by
+    ``convert_block_attention(sd, 'blocks.i.attn.', dst)``, which must take every key
+    under ``blocks.i.attn.``."""
     ren = StateDictRenamer(state_dict, prefix, 'convert_timm_vit')
     for name in ('weight', 'bias'):
         ren.take(f'patch_embed.proj.{name}', f'backbone.patch_embed.projection.{name}')
         ren.take(f'norm.{name}', f'backbone.norm.{name}')
-        ren.take(f'head.{name}', f'head.fc.{name}')
+        ren.take(f'head.{name}', f'{head}{name}')
     ren.take('cls_token', 'backbone.cls_token')
     ren.take('pos_embed', 'backbone.pos_embed')
     for i in range(layer_count(state_dict, TIMM_BLOCK)):

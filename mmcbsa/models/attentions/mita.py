@@ -98,7 +98,7 @@ class MiTA(BaseModule):
     float32 projection brings it to ≈ 0.006 (C=384, H=6, N = 1 + 16·16 and 1 + 12·20).
     The attention itself runs in the autocast dtype with float32 softmax statistics.
 
-    Reference arguments (``mmcbsa.converters.mita_kwargs_from_reference``):
+    Reference arguments (``tests/reference_configs.py``):
     ``MiTA_Attention(pool_size=P, kv_topk=K)`` ↔ ``num_landmarks=P², topk=K²``;
     ``MiTA_Attention_Conv`` ↔ ``num_landmarks=25, topk=25, dwc=True``;
     ``MiTA_Attention_Conv_Gate`` ↔ ``num_landmarks=25, topk=25, dwc=True,
