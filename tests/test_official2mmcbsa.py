@@ -22,14 +22,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import fixture_dir, load_fixture
 from mmengine.config import Config
-from mmengine.registry import init_default_scope
+from mmengine.registry import DefaultScope, init_default_scope
 from mmengine.runner import load_checkpoint
 from seg_helpers import check_head_matches_fixture, randomise_layer_norms
 
 from mmcbsa.converters import (ConversionError, load_reference_state_dict,
                                read_reference_checkpoint, save_converted)
+from mmcbsa.models.backbones import WhiteBoxViT
 
 TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]
@@ -175,12 +177,13 @@ def test_every_fixture_file_is_converted_or_refused(path, tmp_path, capsys):
 
 
 # ------------------------------------------------------------ full Segmenter checkpoints
-def _segmenter_encoder(d, depth, patch, grid, mlp, n_cls, seed=0):
-    """Random Segmenter ViT encoder parameters under their official (timm) names."""
+def _segmenter_encoder(d, depth, patch, grid, mlp, n_cls, seed=0, empty=False):
+    """Random Segmenter ViT encoder parameters under their official (timm) names
+    (``empty``: meta tensors, names and shapes only)."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape, scale=0.2):
-        return torch.randn(*shape, generator=g) * scale
+        return _meta(*shape) if empty else torch.randn(*shape, generator=g) * scale
 
     sd = {'cls_token': r(1, 1, d), 'pos_embed': r(1, 1 + grid * grid, d),
           'patch_embed.proj.weight': r(d, 3, patch, patch, scale=0.05),
@@ -283,7 +286,7 @@ def _to_timm(sd):
 
 
 @pytest.mark.parametrize('dwc,gate,kv_topk', [(False, False, 4), (True, False, 5),
-                                               (True, True, 5)])
+                                              (True, True, 5)])
 def test_mita_deit_roundtrip(dwc, gate, kv_topk, tmp_path, capsys):
     from mmpretrain.registry import MODELS
     init_default_scope('mmpretrain')
@@ -398,44 +401,117 @@ def test_cbt_base_and_large_are_recognised_with_their_configs(arch, d, depth, he
     assert converted[f'backbone.layers.{depth - 1}.attn.in_proj.weight'].shape == (d, d)
 
 
-@pytest.mark.parametrize('head,config', [
-    ('depict-sa', 'depict/depict-sa_vit-b_mask_8xb1-160k_ade20k-512x512.py'),
-    ('cbt', 'cbt/cbt-head_vit-b_mask_8xb1-160k_ade20k-512x512.py')])
-def test_released_segmenter_sizes_inherit_their_release(head, config):
-    """A ViT-B Segmenter checkpoint (released sizes: 12 layers of 768, 512² crops, the
-    decoder's 3 layers of 3 heads) inherits the ViT-B release and overrides only the
-    Segmenter encoder's own settings and the pretrained-weights path; the decoder alone
-    of that width inherits the same release and overrides nothing."""
+def _meta(*shape):
+    return torch.empty(*shape, device='meta')
+
+
+def _official_decoder(head):
+    """A decoder in the official layout (DEPICT-SA / -CA, CBT) with the sizes of a
+    config's ``decode_head``: meta tensors (names and shapes only)."""
+    d, k, h, p = head.channels, head.num_classes, head.num_heads, head.head_dims
+    if head.type == 'CBTHead':
+        leaves = {'fn.proj.weight': (h * p, d), 'fn.step_x': (h, 1, 1),
+                  'fn.step_rep': (h, 1, 1), 'fn.to_out.weight': (d, h * p), 'fn.to_out.bias': (d, )}
+        stacks, norms = {'net': (head.num_layers, leaves)}, ['decoder_norm']
+    else:
+        stacks = {'net' if head.mode == 'sa' else 'snet': (
+            head.num_layers, {'fn.proj': (h * p, d), 'fn.step_size': (1, )})}
+        norms = ['decoder_norm'] if head.mode == 'sa' else ['snorm', 'cnorm']
+        if head.mode == 'ca':
+            stacks['cnet'] = (head.ca_num_layers, {'fn.proj': (h * head.ca_head_dims, d),
+                                                   'fn.step_size': (1, )})
+    sd = {'cls_emb': _meta(1, k, d), 'mask_norm.weight': _meta(k), 'mask_norm.bias': _meta(k)}
+    for stack, (n, leaves) in stacks.items():
+        for i in range(n):
+            sd.update({f'{stack}.layers.{i}.norm.{w}': _meta(d) for w in ('weight', 'bias')})
+            sd.update({f'{stack}.layers.{i}.{name}': _meta(*shape)
+                       for name, shape in leaves.items()})
+    sd.update({f'{n}.{w}': _meta(d) for n in norms for w in ('weight', 'bias')})
+    return sd
+
+
+def _to_official_white_box(sd, attn):
+    """A WhiteBoxViT classifier's state dict in the CBSA repository's layout."""
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r'backbone\.patch_embed\.convs\.(\d+)\.(conv|bn)\.(.+)', k)
+        if m:
+            out[f'to_patch_embedding.proj.{2 * int(m[1])}.{int(m[2] == "bn")}.{m[3]}'] = v
+            continue
+        m = re.match(r'backbone\.layers\.(\d+)\.(\w+)\.(.+)', k)
+        if m:
+            leaf = {'in_proj.weight': 'proj.weight' if attn == 'CBSA' else 'qkv.weight',
+                    'out_proj.weight': 'to_out.weight', 'out_proj.bias': 'to_out.bias'}
+            part = {'norm1': '0.norm', 'norm2': '1.norm', 'ffn': '1.fn', 'attn': '0.fn'}[m[2]]
+            v = v.reshape(-1, 1, 1) if m[3] in ('step_rep', 'step_x') else (
+                v.reshape(-1, 1) if m[3] == 'temp' else v)
+            out[f'transformer.layers.{m[1]}.{part}.{leaf.get(m[3], m[3])}'] = v
+            continue
+        out[{'backbone.cls_token': 'cls_token', 'backbone.pos_embed': 'pos_embedding'}.get(k) or
+            k.replace('backbone.norm.', 'mlp_head.0.').replace('head.fc.', 'mlp_head.1.')] = v
+    return out
+
+
+def _to_official_timm(sd):
+    """A timm-layout WhiteBoxViT (DeiT head) in the official names, Primal leaves too."""
+    out = {}
+    for k, v in _to_timm(sd).items():
+        k = k.replace('head.layers.head.', 'head.').replace('.w_e', '.we').replace('.w_r', '.wr')
+        out[k.replace('.lambdas', '.Lambda').replace('.concat_proj.', '.concate_weight.')] = v
+    return out
+
+
+def _releases():
+    """Every config a released checkpoint converts to (the metafiles' ``Converted From``),
+    and the CRATE / ToST / Primal configs the converter inherits for those kinds."""
+    found = []
+    for meta in sorted((REPO / 'configs').glob('*/metafile.yml')):
+        found += [m['Config'] for m in yaml.safe_load(meta.read_text()).get('Models') or []
+                  if 'Converted From' in m]
+    return found + [str(p.relative_to(REPO)) for folder in ('crate', 'tost', 'primal')
+                    for p in sorted((REPO / 'configs' / folder).glob('*.py'))]
+
+
+@pytest.mark.parametrize('config', _releases())
+def test_every_release_is_recognised_and_inherited_as_it_is(config):
+    """The model of each release config, written in its reference layout (meta tensors:
+    names and shapes only), is recognised, inherits that very config and overrides only
+    what the released weights were trained with: legacy pooling (CBSA, MiTA), Segmenter's
+    encoder settings; its decoder alone inherits the same config and overrides nothing."""
     from mmcbsa.converters import ConvertOptions, recognise
     from mmcbsa.converters.official import release_overrides
-    g = torch.Generator().manual_seed(0)
-    d, n_cls = 768, 150
-    dec = {'cls_emb': torch.randn(1, n_cls, d, generator=g),
-           'decoder_norm.weight': torch.ones(d), 'decoder_norm.bias': torch.zeros(d),
-           'mask_norm.weight': torch.ones(n_cls), 'mask_norm.bias': torch.zeros(n_cls)}
-    for i in range(3):
-        s = f'net.layers.{i}.'
-        dec.update({s + 'norm.weight': torch.ones(d), s + 'norm.bias': torch.zeros(d)})
-        if head == 'cbt':
-            dec.update({s + 'fn.proj.weight': torch.empty(300, d), s + 'fn.step_x': torch.ones(
-                3, 1, 1), s + 'fn.step_rep': torch.ones(3, 1, 1), s + 'fn.to_out.weight':
-                torch.empty(d, 300), s + 'fn.to_out.bias': torch.zeros(d)})
-        else:
-            dec.update({s + 'fn.proj': torch.empty(300, d), s + 'fn.step_size': torch.ones(1)})
-    encoder = {k: torch.empty_like(v) for k, v in
-               _segmenter_encoder(d, 12, 16, 32, 4 * d, 1000).items()}
-    full = {'encoder.' + k: v for k, v in encoder.items()}
-    full.update({'decoder.' + k: v for k, v in dec.items()})
-    release = Config.fromfile(REPO / 'configs' / config).model
-    for sd, over in ((full, {'pretrained': None, 'backbone': {
+    cfg = Config.fromfile(REPO / config)
+    legacy = {'backbone': {'layer_cfgs': {'attn_cfg': {'legacy_pooling': True}}}}
+    if cfg.default_scope == 'mmseg':
+        bb, head = cfg.model.backbone, cfg.model.decode_head
+        grid = bb.img_size[0] // bb.patch_size
+        encoder = _segmenter_encoder(bb.embed_dims, bb.num_layers, bb.patch_size, grid,
+                                     int(bb.get('mlp_ratio', 4) * bb.embed_dims), 1000,
+                                     empty=True)
+        decoder = _official_decoder(head)
+        full = {f'encoder.{k}': v for k, v in encoder.items()}
+        full.update({f'decoder.{k}': v for k, v in decoder.items()})
+        cases = [(full, {'pretrained': None, 'backbone': {
             'patch_bias': True, 'norm_cfg': {'eps': 1e-5}, 'interpolate_mode': 'bilinear'}}),
-            (dec, {})):
+            (decoder, {})]
+    else:
+        from mmpretrain.registry import MODELS
+        with DefaultScope.overwrite_default_scope('mmpretrain'), torch.device('meta'):
+            model = MODELS.build(cfg.model)
+        arch = WhiteBoxViT.resolve_arch(cfg.model.backbone.arch)
+        attn = arch['attn_cfg']['type']
+        if arch['stem'] == 'conv':
+            sd = _to_official_white_box(model.state_dict(), attn)
+        else:
+            sd = _to_official_timm(model.state_dict())
+        cases = [(sd, legacy if attn in ('CBSA', 'MiTA') else {})]
+    for sd, over in cases:
         kind = recognise(sd)
         rec = kind.infer(sd, ConvertOptions(), {})
-        assert kind.releases(rec.sizes)[0] == config
-        assert release_overrides(kind, rec.sizes, release) == over
-        converted, _ = kind.convert(sd, rec.sizes)
-        assert len(converted) == len(sd) - 2 * (sd is full)  # the encoder's own head goes
+        assert kind.releases(rec.sizes)[0] == config[len('configs/'):], kind.name
+        assert release_overrides(kind, rec.sizes, cfg.model) == over, kind.name
+        converted, unused = kind.convert(sd, rec.sizes)  # unused: the encoder's own head
+        assert len(converted) + len(unused) == len(sd) and len(unused) in (0, 2)
 
 
 # ------------------------------------------------------------------------- refusals

@@ -256,7 +256,7 @@ class WhiteBoxViT(BaseModule):
         if len(layer_cfgs) != self.num_layers:
             raise ValueError(f'WhiteBoxViT: layer_cfgs has {len(layer_cfgs)} entries, '
                              f'expected num_layers={self.num_layers}')
-        dpr = torch.linspace(0, drop_path_rate, self.num_layers).tolist()
+        dpr = torch.linspace(0, drop_path_rate, self.num_layers, device='cpu').tolist()
         layers = []
         for i in range(self.num_layers):
             cfg = dict(embed_dims=self.embed_dims, num_heads=self.num_heads,
