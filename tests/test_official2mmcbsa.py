@@ -704,3 +704,16 @@ def test_destination_that_cannot_be_written_is_one_line(tmp_path, capsys):
         assert rc == 2 and out == ''
         assert err.strip() == (f'official2mmcbsa: error: cannot write DST {dst}: {why}: '
                                f'{dst.parent}')
+
+
+def test_missing_release_config_is_exit_status_1(tmp_path, capsys, monkeypatch):
+    """A mmcbsa without the release configs (a broken install) cannot write DST.py: one
+    line naming the configs it looked for, exit status 1, nothing written."""
+    import mmcbsa.converters.official as official
+    monkeypatch.setattr(official, 'configs_root', lambda: str(tmp_path / 'no-configs'))
+    src, dst = tmp_path / 'cbsa.pth', tmp_path / 'out.pth'
+    _save_cbsa_main(_fixture_sd('vit_cbsa_ista_classifier'), src)
+    rc, out, err = _run(capsys, src, dst)
+    assert rc == 1 and out == '' and len(err.strip().splitlines()) == 1, err
+    assert "none of the cbt-classifier release configs ['cbt/cbt-small_" in err
+    assert not dst.exists() and not dst.with_suffix('.py').exists()
