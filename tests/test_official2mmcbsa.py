@@ -5,8 +5,9 @@ official 64), built from the config it wrote, loaded, and run on the fixture's i
 full Segmenter checkpoints (random encoder + fixture decoder) against an encoder
 forward written here; MiTA-DeiT (no model-level fixture: a random official-layout state
 dict made from our own MiTA-DeiT, renamed to timm's names here) against that model;
-CBT-B/L-sized checkpoints recognised and inheriting their configs; every refusal with
-its message and exit status; reading and writing checkpoints."""
+CBT-B/L-sized checkpoints recognised and inheriting their configs; every release config
+(meta tensors in its reference layout) recognised and inherited as it is; every refusal
+with its message and exit status; reading and writing checkpoints."""
 import argparse
 import importlib.util
 import io
