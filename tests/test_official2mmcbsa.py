@@ -718,3 +718,23 @@ def test_missing_release_config_is_exit_status_1(tmp_path, capsys, monkeypatch):
     assert rc == 1 and out == '' and len(err.strip().splitlines()) == 1, err
     assert "none of the cbt-classifier release configs ['cbt/cbt-small_" in err
     assert not dst.exists() and not dst.with_suffix('.py').exists()
+
+
+def test_release_overrides_write_only_differences_and_replace_another_type():
+    """Entries equal to the release's (or to the constructor default it leaves out) are
+    not written; a sub-config of another type replaces the release's (``_delete_``)
+    instead of being merged into it and keeping its stale keys."""
+    from mmcbsa.converters.kinds import Kind
+    from mmcbsa.converters.official import release_overrides
+
+    class Toy(Kind):
+        def model(self, sizes):
+            return dict(neck=None, head=sizes['head'])
+
+    release = dict(type='ImageClassifier', head=dict(
+        type='VisionTransformerClsHead', num_classes=1000, in_channels=384))
+    same = dict(type='VisionTransformerClsHead', num_classes=1000, hidden_dim=None)
+    assert release_overrides(Toy(), dict(head=same), release) == {}
+    other = dict(type='LinearClsHead', num_classes=10, in_channels=384)
+    assert release_overrides(Toy(), dict(head=other), release) == {
+        'head': dict(_delete_=True, **other)}

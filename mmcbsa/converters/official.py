@@ -143,7 +143,8 @@ def _default(cls: Optional[type], name: str) -> Any:
 def _diff(want: Mapping, have: Any, scope: str, cls: Optional[type] = None) -> dict:
     """The entries of ``want`` that differ from ``have`` (a config value, whose missing
     keys take ``cls``'s constructor defaults); sub-dicts of the same type recursively
-    (their classes looked up in ``scope``'s registry)."""
+    (their classes looked up in ``scope``'s registry); a sub-dict of another type
+    replaces the release's (``_delete_``) instead of merging into it."""
     out = {}
     for key, value in want.items():
         current = have.get(key, _MISSING) if isinstance(have, Mapping) else _MISSING
@@ -153,6 +154,8 @@ def _diff(want: Mapping, have: Any, scope: str, cls: Optional[type] = None) -> d
             sub = _diff(value, current, scope, _class(current, scope))
             if sub:
                 out[key] = sub
+        elif isinstance(value, Mapping) and isinstance(current, Mapping):
+            out[key] = dict(_delete_=True, **value)
         elif _plain(value) != _plain(current):
             out[key] = value
     return out

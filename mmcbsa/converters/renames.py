@@ -19,9 +19,8 @@ from torch import Tensor
 
 __all__ = ['convert_attention', 'convert_mita_attention', 'convert_primal_attention',
            'convert_primal', 'convert_primal_block_attention', 'convert_white_box_vit',
-           'convert_timm_vit',
-           'convert_softmax_attention', 'convert_depict', 'convert_cbt_decoder',
-           'convert_segmenter', 'ENCODER_DROPPED']
+           'convert_timm_vit', 'convert_softmax_attention', 'convert_depict',
+           'convert_cbt_decoder', 'convert_segmenter', 'ENCODER_DROPPED']
 
 SD = Mapping[str, Tensor]
 
@@ -281,9 +280,9 @@ def convert_cbt_decoder(state_dict: SD, src_prefix: str = '',
     out: Dict[str, Tensor] = {}
     unknown, layers = [], set()
     for key, value in state_dict.items():
-        name = key[len(src_prefix):]
         if not key.startswith(src_prefix):
             continue
+        name = key[len(src_prefix):]
         m = CBT_LAYER.match(name)
         if m and m.group(2).startswith('norm.'):
             out[f'{dst_prefix}layers.{m.group(1)}.{m.group(2)}'] = value
