@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import fixture_params, load_fixture
 from reference_configs import primal_attention
 
-from mmcbsa.converters import convert_primal, convert_primal_attention
+from mmcbsa.converters import convert_primal_attention
 from mmcbsa.models.attentions.primal import PrimalAttention, collect_ksvd_loss
 
 
@@ -74,7 +74,12 @@ class _TinyViT(nn.Module):
 def test_primal_classifiers_match_reference_fixture(path):
     fx = load_fixture(path)
     model = _TinyViT(fx['config']).eval()
-    model.load_state_dict(convert_primal(fx['state_dict']), strict=True)
+    sd = fx['state_dict']
+    blocks = tuple(k[:-len('we')] for k in sd if k.endswith('.attn.we'))
+    renamed = {k: v for k, v in sd.items() if not k.startswith(blocks)}
+    for b in blocks:  # the Primal blocks through the module converter
+        renamed.update(convert_primal_attention(sd, b, b))
+    model.load_state_dict(renamed, strict=True)
     with torch.no_grad():
         logits = model(fx['input'])
     assert (logits - fx['output']).abs().max().item() <= 1e-4
@@ -232,8 +237,9 @@ def test_primal_converters():
     one = convert_primal_attention(sd, src_prefix='blocks.1.attn.')
     assert sorted(one) == ['concat_proj.bias', 'concat_proj.weight', 'lambdas', 'proj.bias',
                            'proj.weight', 'qk.bias', 'qk.weight', 'w_e', 'w_r']
-    whole = convert_primal(sd)
-    assert 'blocks.1.attn.w_e' in whole and 'head.weight' in whole and len(whole) == len(sd)
+    moved = convert_primal_attention(sd, 'blocks.1.attn.', 'layers.1.attn.')
+    assert sorted(moved) == sorted('layers.1.attn.' + k for k in one)
+    assert torch.equal(moved['layers.1.attn.w_e'], sd['blocks.1.attn.we'])
     with pytest.raises(KeyError, match='we'):
         convert_primal_attention({'wr': torch.zeros(1)})
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 __all__ = ['ConversionError', 'ReferenceCheckpoint', 'read_reference_checkpoint',
-           'load_reference_state_dict', 'save_converted']
+           'save_converted']
 
 _WRAPPERS = ('model', 'state_dict')
 _DP_PREFIX = 'module.'
@@ -127,11 +127,6 @@ def read_reference_checkpoint(path: str) -> ReferenceCheckpoint:
     if not out:
         raise ConversionError(f'{path} holds no parameters')
     return ReferenceCheckpoint(out, wrappers, stripped, extras)
-
-
-def load_reference_state_dict(path: str) -> Dict[str, Tensor]:
-    """The parameters of a reference checkpoint file, on CPU."""
-    return read_reference_checkpoint(path).state_dict
 
 
 def save_converted(state_dict: Mapping[str, Tensor], dst: str, src: str, **meta: Any) -> None:

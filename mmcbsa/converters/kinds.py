@@ -1,26 +1,20 @@
 """The released checkpoints ``official2mmcbsa`` recognises, and the sizes they hold.
 
-A :class:`Kind` is one reference layout (``KINDS``: ``cbt-`` / ``crate-`` /
-``tost-classifier``, ``primal-deit``, ``primalformer``, ``mita-deit``, ``mita-dwc-deit``,
-``mita-dwc-gate-deit``, ``{depict-sa,depict-ca,cbt}-segmenter`` (Segmenter encoder +
-decoder) and ``-decoder`` (the decoder alone), ``attention-only`` (refused)). It has
-``match(state_dict)``, a predicate on the checkpoint's keys and shapes;
-``infer(state_dict, opts, extras)`` -> :class:`Recognised`, the sizes the tensors tell
-and the official values of those they cannot; ``convert(state_dict, sizes)`` ->
-``(renamed, {unused key: why})`` (:mod:`~mmcbsa.converters.renames`);
-``releases(sizes)``, the committed ``configs/`` files to inherit, best first (the release
-of these sizes, then the kind's default release); and ``model(sizes)``, the model
-settings these sizes fix, which the written config overrides where the release differs.
+Each :class:`Kind` of :data:`KINDS` is one reference layout: ``match(sd)`` tells it by
+its keys and shapes; ``infer(sd, opts, extras)`` -> :class:`Recognised` reads the sizes
+off the tensors (the others are given or official); ``convert(sd, sizes)`` -> ``(renamed,
+{unused key: why})`` (:mod:`~mmcbsa.converters.renames`); ``releases(sizes)`` names the
+committed ``configs/`` files to inherit, best first (the release of these sizes, then the
+kind's small release); ``model(sizes)`` is the model settings the sizes fix.
 
-Not stored in the weights (official value; option to change): MSSA's head width (``U``
-is ``H·p × d``; 64; CBSA / TSSA store per-head steps, so their heads are read), DEPICT's
-head width (100; the CA width is rows / H), CBSA representatives (classifier 64,
-CBT decoder 100), MiTA-DeiT's heads (``d / 64``), ``pool_size`` (5) and ``kv_topk``
-(5; or the checkpoint's ``args``; +DWC routes ``pool_size²``), Primal's ``rank_multi``
-(read from the sample count below the token count, else 10), a Segmenter encoder's
-heads (``d / 64``).
+Not stored in the weights (official value): MSSA's head width (64; CBSA / TSSA store
+per-head steps), DEPICT's head width (100), CBSA representatives (classifier 64, CBT
+decoder 100), MiTA-DeiT's and a Segmenter encoder's heads (``d / 64``), MiTA's
+``pool_size`` and ``kv_topk`` (5, or the checkpoint's ``args``; +DWC routes
+``pool_size²``), Primal's ``rank_multi`` (read when fewer than all tokens are sampled,
+else 10).
 """
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 from torch import Tensor
 
@@ -37,6 +31,7 @@ DEIT_HEAD = 'head.layers.head.'
 # (embed_dims, num_layers, num_heads) of the released sizes, as the config files name them
 SIZE_NAMES = {(192, 12, 3): 'tiny', (384, 12, 6): 'small', (768, 12, 12): 'base',
               (1024, 24, 16): 'large'}
+_LEGACY = dict(layer_cfgs=dict(attn_cfg=dict(legacy_pooling=True)))
 
 
 class Kind:
@@ -46,10 +41,11 @@ class Kind:
         name / title: printed, and recorded in the converted checkpoint's ``meta``.
         scope: ``'mmpretrain'`` or ``'mmseg'``: the registry the model is built in.
         options: :class:`ConvertOptions` fields this kind reads; others are refused.
+        release: the release config, ``{size}`` (``{initial}``, ``{crop}``) for its size.
         expected_missing: model key prefixes a checkpoint of this kind does not fill,
             with the reason (the encoder of a decoder-only checkpoint).
     """
-    name = title = ''
+    name = title = release = ''
     scope = 'mmpretrain'
     options: frozenset = frozenset()
     expected_missing: Dict[str, str] = {}
@@ -63,21 +59,28 @@ class Kind:
             raise ConversionError(f'{flags} does not apply to a {self.name} checkpoint '
                                   f'(it reads: {reads or "no option"})')
 
+    def size_name(self, sizes: Mapping) -> Optional[str]:
+        return SIZE_NAMES.get((sizes['embed_dims'], sizes['num_layers'], sizes['num_heads']))
+
+    def releases(self, sizes: Mapping) -> list:
+        return list(dict.fromkeys(self.release.format(
+            size=n, initial=n[0], crop='640x640' if n == 'large' else '512x512')
+            for n in (self.size_name(sizes), 'small') if n))
+
 
 class WhiteBoxClassifier(Kind):
-    """CBSA repository classifiers (``models.VisionTransformer``: conv stem +
-    ``[attention, ISTA]`` blocks + LN/Linear head; docs/mechanisms.md §1, §2)."""
+    """CBSA repository classifiers (``models.VisionTransformer``: conv stem + ``[attention,
+    ISTA]`` blocks + LN/Linear head; docs/mechanisms.md §1, §2)."""
     _A = 'transformer.layers.0.0.fn.'
-    _FAMILY = {'CBSA': 'cbt', 'MSSA': 'crate', 'TSSA': 'tost'}
+    _PER_HEAD = {'CBSA': 'step_rep', 'TSSA': 'temp'}  # MSSA stores no per-head tensor
 
-    def __init__(self, attn: str) -> None:
-        self.attn, self.family = attn, self._FAMILY[attn]
-        self.name = f'{self.family}-classifier'
-        self.title = (f'{self.family.upper() if attn != "TSSA" else "ToST"} classifier: conv '
-                      f'stem + [{attn}, ISTA] blocks (docs/mechanisms.md '
-                      f'{"§1" if attn == "CBSA" else "§2"})')
+    def __init__(self, attn: str, family: str, label: str) -> None:
+        self.attn, self.family, self.name = attn, family, f'{family}-classifier'
+        self.title = (f'{label} classifier: conv stem + [{attn}, ISTA] blocks '
+                      f'(docs/mechanisms.md §{1 if attn == "CBSA" else 2})')
         self.options = frozenset({'head_dims', 'num_heads'} |
                                  ({'num_reps'} if attn == 'CBSA' else set()))
+        self.release = f'{family}/{family}-{{size}}_8xb32-lion-150e_in1k.py'
 
     def match(self, sd):
         if 'to_patch_embedding.proj.0.0.weight' not in sd:
@@ -87,27 +90,23 @@ class WhiteBoxClassifier(Kind):
                 'MSSA': self._A + 'qkv.weight' in sd and not rep and not temp}[self.attn]
 
     def infer(self, sd, opts, extras):
-        a = self._A
-        rows_key = a + ('proj.weight' if self.attn == 'CBSA' else 'qkv.weight')
-        read_heads = read_from = None
-        if self.attn == 'CBSA':
-            read_heads, read_from = need(sd, a + 'step_rep').numel(), a + 'step_rep'
-            if need(sd, a + 'step_x').numel() != read_heads:
-                raise ConversionError(f'{a}step_rep and {a}step_x disagree on the head count '
-                                      f'({read_heads} vs {sd[a + "step_x"].numel()})')
-        elif self.attn == 'TSSA':
-            read_heads, read_from = int(need(sd, a + 'temp').shape[0]), a + 'temp'
+        a, cbsa = self._A, self.attn == 'CBSA'
+        per_head = a + self._PER_HEAD[self.attn] if self.attn in self._PER_HEAD else None
+        read = int(need(sd, per_head).shape[0]) if per_head else None
+        if cbsa and need(sd, a + 'step_x').shape[0] != read:
+            raise ConversionError(f'{a}step_rep and {a}step_x disagree on the head count '
+                                  f'({read} vs {sd[a + "step_x"].shape[0]})')
+        rows_key = a + ('proj.weight' if cbsa else 'qkv.weight')
         heads, p, why = resolve_heads(int(need(sd, rows_key).shape[0]), rows_key, opts, 64,
-                                      read_heads, read_from)
-        dim = int(need(sd, 'cls_token').shape[-1])
-        patch = 2 ** len(R.stem_indices(sd))
+                                      read, per_head)
+        dim, patch = int(need(sd, 'cls_token').shape[-1]), 2 ** len(R.stem_indices(sd))
         side = square_grid(int(need(sd, 'pos_embedding').shape[1]), 'pos_embedding', dim)
         rec = Recognised(dict(embed_dims=dim, num_layers=R.layer_count(sd), num_heads=heads,
                               head_dims=p, img_size=side * patch, patch_size=patch,
                               num_classes=int(need(sd, 'mlp_head.1.weight').shape[0])))
         if why:
             rec.defaults['num_heads, head_dims'] = why
-        if self.attn == 'CBSA':
+        if cbsa:
             rec.sizes['num_reps'] = chosen(rec, 'num_reps', opts, 64,
                                            'the official 8x8 representatives')
         return rec
@@ -115,21 +114,13 @@ class WhiteBoxClassifier(Kind):
     def convert(self, sd, sizes):
         return call_renames(R.convert_white_box_vit, sd, self.attn), {}
 
-    def releases(self, sizes):
-        name = SIZE_NAMES.get((sizes['embed_dims'], sizes['num_layers'], sizes['num_heads']))
-        return [f'{self.family}/{self.family}-{n}_8xb32-lion-150e_in1k.py'
-                for n in (name, 'small') if n]
-
     def model(self, s):
-        attn = dict(head_dims=s['head_dims'])
-        if self.attn == 'CBSA':
-            attn['num_reps'] = s['num_reps']
-        backbone = dict(arch=dict(base=f'{self.family}-small', embed_dims=s['embed_dims'],
-                                  num_layers=s['num_layers'], num_heads=s['num_heads'],
-                                  attn_cfg=attn),
-                        img_size=s['img_size'], patch_size=s['patch_size'])
-        if self.attn == 'CBSA':
-            backbone['layer_cfgs'] = dict(attn_cfg=dict(legacy_pooling=True))
+        attn = dict(head_dims=s['head_dims'], **({'num_reps': s['num_reps']}
+                                                 if 'num_reps' in s else {}))
+        arch = dict(base=f'{self.family}-small', embed_dims=s['embed_dims'],
+                    num_layers=s['num_layers'], num_heads=s['num_heads'], attn_cfg=attn)
+        backbone = dict(arch=arch, img_size=s['img_size'], patch_size=s['patch_size'],
+                        **(_LEGACY if self.attn == 'CBSA' else {}))
         return dict(backbone=backbone,
                     head=dict(num_classes=s['num_classes'], in_channels=s['embed_dims']))
 
@@ -145,12 +136,10 @@ def _timm_sizes(sd: Mapping[str, Tensor]) -> dict:
     if patch.ndim != 4 or patch.shape[-1] != patch.shape[-2] or patch.shape[0] != dim:
         raise ConversionError(f'patch_embed.proj.weight has shape {tuple(patch.shape)}: not a '
                               f'square patch convolution to the {dim} channels of cls_token')
-    pos = need(sd, 'pos_embed')
-    side = square_grid(int(pos.shape[1]), 'pos_embed', dim)
-    hidden = int(need(sd, 'blocks.0.mlp.fc1.weight').shape[0])
+    side = square_grid(int(need(sd, 'pos_embed').shape[1]), 'pos_embed', dim)
     return dict(embed_dims=dim, num_layers=R.layer_count(sd, R.TIMM_BLOCK),
                 img_size=side * int(patch.shape[-1]), patch_size=int(patch.shape[-1]),
-                mlp_ratio=hidden / dim,
+                mlp_ratio=int(need(sd, 'blocks.0.mlp.fc1.weight').shape[0]) / dim,
                 num_classes=int(sd['head.weight'].shape[0]) if 'head.weight' in sd else None)
 
 
@@ -160,6 +149,26 @@ def _deit_model(base: str, s: Mapping, attn: dict, **arch) -> dict:
                                         mlp_ratio=s['mlp_ratio'], attn_cfg=attn, **arch),
                               img_size=s['img_size'], patch_size=s['patch_size']),
                 head=dict(num_classes=s['num_classes'], in_channels=s['embed_dims']))
+
+
+def _rank_multi(n: int, rank: int, tokens: int, given: Optional[int], key: str):
+    """Primal's samples per rank ``R`` from ``n = min(N, s·R)`` sampled positions
+    (docs/mechanisms.md §6.2): ``(R, why)``, ``why`` None when read."""
+    if given is None and n < tokens and n % rank == 0:
+        return n // rank, None
+    if given is None and n == tokens and rank * 10 >= tokens:
+        return 10, (f'10, the official value ({key} samples all {tokens} tokens, so the '
+                    'weights cannot tell; --rank-multi to change)')
+    if given is not None and n == min(tokens, rank * given):
+        return given, f'{given}, given (--rank-multi; checked against the sample count of {key})'
+    if given is None:
+        raise ConversionError(f'{key} samples n = {n} of N = {tokens} tokens with rank '
+                              f's = {rank}: give --rank-multi R with n = min(N, s*R)')
+    hint = f' (the tensors say --rank-multi {n // rank})' if n % rank == 0 and n < tokens \
+        else ''
+    raise ConversionError(f'--rank-multi {given} gives n = min({tokens}, {rank}*{given}) = '
+                          f'{min(tokens, rank * given)} sampled positions, but {key} has '
+                          f'n = {n}{hint}')
 
 
 class PrimalClassifier(Kind):
@@ -173,6 +182,7 @@ class PrimalClassifier(Kind):
         self.title = ('PrimalFormer: every block Primal-Attention (docs/mechanisms.md §6)'
                       if former else 'Primal.+DeiT: timm DeiT whose last blocks use '
                       'Primal-Attention (docs/mechanisms.md §6)')
+        self.release = f'primal/{self.name}-small_4xb256_in1k.py'
 
     def match(self, sd):
         if not _is_timm_vit(sd):
@@ -182,9 +192,7 @@ class PrimalClassifier(Kind):
         return bool(primal) and (len(primal) == depth) == self.former
 
     def infer(self, sd, opts, extras):
-        """Heads and ranks from ``attn.we`` ``(H, n, s)``; ``rank_multi`` from
-        ``n = min(N, s·rank_multi)`` (``N`` the training token count): ``n / s`` when
-        ``n < N``, else the official 10 (docs/mechanisms.md §6.2)."""
+        """Heads and ranks from ``attn.we`` ``(H, n, s)``; ``rank_multi`` from ``n``."""
         s = _timm_sizes(sd)
         depth, tokens = s['num_layers'], (s['img_size'] // s['patch_size']) ** 2 + 1
         primal = [i for i in range(depth) if f'blocks.{i}.attn.we' in sd]
@@ -196,50 +204,28 @@ class PrimalClassifier(Kind):
                                     64, shapes[0][0], f'blocks.{primal[0]}.attn.we')
         if any(h != heads for h, _, _ in shapes):
             raise ConversionError(f'Primal blocks disagree on the head count {shapes}')
-        rec, multis = Recognised(s), set()
-        for i, (_, n, rank) in zip(primal, shapes):
-            multi = opts.rank_multi
-            if multi is None and n == tokens and rank * 10 >= tokens:
-                multi = 10
-                rec.defaults['rank_multi'] = (
-                    f'10, the official value (attn.we samples all {tokens} tokens, so the '
-                    'weights cannot tell; --rank-multi to change)')
-            elif multi is None and n < tokens and n % rank == 0:
-                multi = n // rank
-            elif multi is None or n != min(tokens, rank * multi):
-                hint = f' (the tensors say --rank-multi {n // rank})' \
-                    if n % rank == 0 and n < tokens else ''
-                raise ConversionError(
-                    f'--rank-multi {multi} gives n = min({tokens}, {rank}*{multi}) = '
-                    f'{min(tokens, rank * multi)} sampled positions, but blocks.{i}.attn.we '
-                    f'has n = {n}{hint}' if multi else f'blocks.{i}.attn.we samples n = {n} '
-                    f'of N = {tokens} tokens with rank s = {rank}: give --rank-multi R with '
-                    f'n = min(N, s*R)')
-            multis.add(multi)
-        if len(multis) != 1:
+        multis = {_rank_multi(n, rank, tokens, opts.rank_multi, f'blocks.{i}.attn.we')
+                  for i, (_, n, rank) in zip(primal, shapes)}
+        if len({m for m, _ in multis}) != 1:
             raise ConversionError(f'Primal blocks {primal} imply different rank_multi values '
-                                  f'{sorted(multis)}')
-        if opts.rank_multi is not None:
-            rec.defaults['rank_multi'] = (f'{opts.rank_multi}, given (--rank-multi; checked '
-                                          'against the sample count of attn.we)')
+                                  f'{sorted(m for m, _ in multis)}')
         ranks = [rank for _, _, rank in shapes]
         if not self.former and len(set(ranks)) != 1:
             raise ConversionError(f'Primal blocks {primal} have different low ranks {ranks}; '
                                   'only PrimalFormer gives one per block')
-        rec.sizes.update(num_heads=heads, rank_multi=multis.pop(),
-                         low_rank=ranks if self.former else ranks[0],
-                         num_tail_layers=len(primal),
-                         qkv_bias='blocks.0.attn.qkv.bias' in sd,
-                         qk_bias=f'blocks.{primal[0]}.attn.qk.bias' in sd)
+        multi, why = multis.pop()
+        rec = Recognised(dict(s, num_heads=heads, rank_multi=multi,
+                              low_rank=ranks if self.former else ranks[0],
+                              num_tail_layers=len(primal),
+                              qkv_bias='blocks.0.attn.qkv.bias' in sd,
+                              qk_bias=f'blocks.{primal[0]}.attn.qk.bias' in sd))
+        if why:
+            rec.defaults['rank_multi'] = why
         return rec
 
     def convert(self, sd, sizes):
         return call_renames(R.convert_timm_vit, sd, R.convert_primal_block_attention, '',
                             DEIT_HEAD), {}
-
-    def releases(self, sizes):
-        return ['primal/primalformer-small_4xb256_in1k.py' if self.former
-                else 'primal/primal-deit-small_4xb256_in1k.py']
 
     def model(self, s):
         ranks = s['low_rank'] if self.former else [s['low_rank']]
@@ -266,6 +252,7 @@ class MiTADeiT(Kind):
         self.name = 'mita-dwc-gate-deit' if gate else ('mita-dwc-deit' if dwc else 'mita-deit')
         self.title = ('MiTA-DeiT ' + ('+DWC,Gate' if gate else '+DWC' if dwc else '') +
                       ': timm DeiT with Mixture-of-Top-k Attention (docs/mechanisms.md §5)')
+        self.release = f'mita/{self.name}-{{size}}_4xb256_in1k.py'
 
     def match(self, sd):
         if not _is_timm_vit(sd) or any(k.endswith('.attn.we') for k in sd):
@@ -291,9 +278,7 @@ class MiTADeiT(Kind):
         heads, _, why = resolve_heads(dim, f'the embedding width (cls_token, {dim})', opts, 64)
         rec = Recognised(dict(s, num_heads=heads, qkv_bias=f'blocks.0.attn.{proj_in}.bias' in sd,
                               proj_bias='blocks.0.attn.proj.bias' in sd))
-        rec.defaults['num_heads'] = why if opts.num_heads or opts.head_dims else (
-            f"{heads}, for DeiT's head width 64 (qkv is 3d x d, no per-head tensor; "
-            '--num-heads / --head-dims to change)')
+        rec.defaults['num_heads'] = why
         args = extras.get('args') if not self.dwc else None
         pool = chosen(rec, 'pool_size', opts, 5, 'the official value',
                       getattr(args, 'pool_size', None))
@@ -313,23 +298,13 @@ class MiTADeiT(Kind):
     def convert(self, sd, sizes):
         return call_renames(R.convert_timm_vit, sd, R.convert_mita_attention, '', DEIT_HEAD), {}
 
-    def releases(self, sizes):
-        name = SIZE_NAMES.get((sizes['embed_dims'], sizes['num_layers'], sizes['num_heads']))
-        variant = 'mita-dwc-gate-deit' if self.gate else 'mita-dwc-deit' if self.dwc else \
-            'mita-deit'
-        return [f'mita/{variant}-{n}_4xb256_in1k.py' for n in (name, 'small') if n]
-
     def model(self, s):
         attn = dict(num_landmarks=s['num_landmarks'], topk=s['topk'], qkv_bias=s['qkv_bias'],
                     proj_bias=s['proj_bias'], dwc=self.dwc, gate=self.gate)
         model = _deit_model('mita-deit-small-dwc-gate' if self.gate else 'mita-deit-small',
                             s, attn)
-        model['backbone']['layer_cfgs'] = dict(attn_cfg=dict(legacy_pooling=True))
+        model['backbone'].update(_LEGACY)
         return model
-
-
-_SEG_HEAD_KEYS = {'depict-sa': 'net.layers.0.fn.proj', 'depict-ca': 'snet.layers.0.fn.proj',
-                  'cbt': 'net.layers.0.fn.proj.weight'}
 
 
 class SegmenterKind(Kind):
@@ -341,18 +316,22 @@ class SegmenterKind(Kind):
     from mmseg's Segmenter configs in three settings the written config sets: LayerNorm
     eps 1e-5, a biased patch convolution, bilinear position-embedding resizing."""
     scope = 'mmseg'
+    _HEAD_KEY = {'depict-sa': 'net.layers.0.fn.proj', 'depict-ca': 'snet.layers.0.fn.proj',
+                 'cbt': 'net.layers.0.fn.proj.weight'}
 
     def __init__(self, head: str, full: bool) -> None:
         self.head, self.full = head, full
         self.name = f"{head}-{'segmenter' if full else 'decoder'}"
         label = {'depict-sa': 'DEPICT-SA', 'depict-ca': 'DEPICT-CA', 'cbt': 'CBT'}[head]
-        section = '§4' if head == 'cbt' else '§3'
-        self.title = (f'Segmenter ViT encoder + {label} decoder (docs/mechanisms.md {section})'
-                      if full else f'{label} decoder alone (docs/mechanisms.md {section})')
-        opts = {'num_heads', 'head_dims'} | ({'num_reps'} if head == 'cbt' else set())
-        self.options = frozenset(opts | ({'encoder_num_heads'} if full else set()))
+        where = f'(docs/mechanisms.md {"§4" if head == "cbt" else "§3"})'
+        self.title = (f'Segmenter ViT encoder + {label} decoder {where}' if full
+                      else f'{label} decoder alone {where}')
+        self.options = frozenset({'num_heads', 'head_dims'} | (
+            {'num_reps'} if head == 'cbt' else set()) | ({'encoder_num_heads'} if full else set()))
         self.expected_missing = {} if full else {
             'backbone.': 'the encoder is not in this checkpoint (decoder only)'}
+        folder, name = ('cbt', 'cbt-head') if head == 'cbt' else ('depict', head)
+        self.release = f'{folder}/{name}_vit-{{initial}}_mask_8xb1-160k_ade20k-{{crop}}.py'
 
     @staticmethod
     def _prefix(sd) -> str:
@@ -362,53 +341,46 @@ class SegmenterKind(Kind):
         if any(k.startswith('encoder.') for k in sd) != self.full:
             return False
         prefix = self._prefix(sd)
-        return bool(prefix or not self.full) and prefix + _SEG_HEAD_KEYS[self.head] in sd
+        return bool(prefix or not self.full) and prefix + self._HEAD_KEY[self.head] in sd
 
     def _decoder(self, sd, prefix, opts, rec: Recognised) -> dict:
         cls_emb = need(sd, prefix + 'cls_emb')
-        n_cls, d = int(cls_emb.shape[1]), int(cls_emb.shape[2])
-        if self.head == 'cbt':
-            rows_key = f'{prefix}net.layers.0.fn.proj.weight'
-            heads, p, _ = resolve_heads(int(need(sd, rows_key).shape[0]), rows_key, opts, 100,
-                                        need(sd, f'{prefix}net.layers.0.fn.step_x').numel(),
-                                        f'{prefix}net.layers.0.fn.step_x')
-            layers = R.layer_count({k[len(prefix):]: v for k, v in sd.items()
-                                    if k.startswith(prefix)}, R.CBT_LAYER)
-            reps = chosen(rec, 'num_reps', opts, 100, 'the official 10x10 representatives')
-            return dict(num_classes=n_cls, in_channels=d, channels=d, num_layers=layers,
-                        num_heads=heads, head_dims=p, num_reps=reps)
-        stack = 'net' if self.head == 'depict-sa' else 'snet'
-        rows_key = f'{prefix}{stack}.layers.0.fn.proj'
-        heads, p, why = resolve_heads(int(need(sd, rows_key).shape[0]), rows_key, opts, 100)
+        head = dict(num_classes=int(cls_emb.shape[1]), in_channels=int(cls_emb.shape[2]),
+                    channels=int(cls_emb.shape[2]))
+        stack = 'snet' if self.head == 'depict-ca' else 'net'
+        rows_key = prefix + self._HEAD_KEY[self.head]
+        read = need(sd, f'{prefix}net.layers.0.fn.step_x').shape[0] \
+            if self.head == 'cbt' else None
+        heads, p, why = resolve_heads(int(need(sd, rows_key).shape[0]), rows_key, opts, 100,
+                                      read, f'{prefix}net.layers.0.fn.step_x')
         if why:
-            rec.defaults['num_heads, head_dims'] = why.replace(
-                'the official head width', "the reference's hard-coded head width")
-        head = dict(num_classes=n_cls, in_channels=d, channels=d, mode=self.head[-2:],
-                    num_layers=R.depict_layer_count(sd, prefix, stack), num_heads=heads,
+            rec.defaults['num_heads, head_dims'] = why
+        head.update(num_layers=R.stack_layers(sd, prefix, stack), num_heads=heads,
                     head_dims=p)
+        if self.head == 'cbt':
+            head.update(num_reps=chosen(rec, 'num_reps', opts, 100,
+                                        'the official 10x10 representatives'))
+        else:
+            head['mode'] = self.head[-2:]
         if self.head == 'depict-ca':
             ca_key = f'{prefix}cnet.layers.0.fn.proj'
             ca_rows = int(need(sd, ca_key).shape[0])
             if ca_rows % heads:
                 raise ConversionError(f'{ca_key} has {ca_rows} rows, not a multiple of the '
                                       f'{heads} heads of {rows_key}')
-            head.update(ca_num_layers=R.depict_layer_count(sd, prefix, 'cnet'),
+            head.update(ca_num_layers=R.stack_layers(sd, prefix, 'cnet'),
                         ca_num_heads=heads, ca_head_dims=ca_rows // heads)
         return head
 
     def _encoder(self, sd, opts, rec: Recognised, width: int) -> dict:
-        s = call_renames(_timm_sizes, {k[len('encoder.'):]: v for k, v in sd.items()
-                                       if k.startswith('encoder.')})
+        s = call_renames(_timm_sizes, R.strip_prefix(sd, 'encoder.'))
         dim = s['embed_dims']
         if dim != width:
             raise ConversionError(f'the encoder is {dim} wide (encoder.cls_token) but the '
                                   f'decoder reads {width}-wide tokens (decoder.cls_emb)')
         heads, _, why = resolve_heads(dim, f'the encoder width (encoder.cls_token, {dim})',
                                       opts, 64, heads_flag='encoder_num_heads', dims_flag=None)
-        if why:
-            rec.defaults['encoder num_heads'] = why if opts.encoder_num_heads else (
-                f"{heads}, for Segmenter ViT's head width 64 (qkv is 3d x d, no per-head "
-                'tensor; --encoder-num-heads to change)')
+        rec.defaults['encoder num_heads'] = why
         if s['mlp_ratio'] != int(s['mlp_ratio']):
             raise ConversionError(f"the encoder MLP is {int(s['mlp_ratio'] * dim)} wide, not a "
                                   f"multiple of its width {dim}: mmseg's VisionTransformer "
@@ -418,12 +390,10 @@ class SegmenterKind(Kind):
                     mlp_ratio=int(s['mlp_ratio']))
 
     def infer(self, sd, opts, extras):
-        prefix = self._prefix(sd)
         rec = Recognised({})
-        rec.sizes['decode_head'] = self._decoder(sd, prefix, opts, rec)
+        head = rec.sizes['decode_head'] = self._decoder(sd, self._prefix(sd), opts, rec)
         if self.full:
-            rec.sizes['backbone'] = self._encoder(sd, opts, rec,
-                                                  rec.sizes['decode_head']['in_channels'])
+            rec.sizes['backbone'] = self._encoder(sd, opts, rec, head['in_channels'])
         else:
             rec.notes.append(
                 "the checkpoint holds no encoder: the config's encoder (the release's, of "
@@ -433,24 +403,18 @@ class SegmenterKind(Kind):
 
     def convert(self, sd, sizes):
         fn = R.convert_cbt_decoder if self.head == 'cbt' else R.convert_depict
-        unused = {k: "Segmenter encoder's classification head (mmseg's ViT has none)"
-                  for k in sd if k.startswith('encoder.')
-                  and k[len('encoder.'):].startswith(R.ENCODER_DROPPED)}
+        why = "Segmenter encoder's classification head (mmseg's ViT has none)"
+        unused = {f'encoder.{k}': why for k in R.strip_prefix(sd, 'encoder.')
+                  if k.startswith(R.ENCODER_DROPPED)}
         if self._prefix(sd):
             return call_renames(R.convert_segmenter, sd, fn), unused
         return call_renames(fn, sd, '', 'decode_head.'), unused
 
-    def releases(self, sizes):
+    def size_name(self, sizes):
         if self.full:
-            enc = sizes['backbone']
-            size = SIZE_NAMES.get((enc['embed_dims'], enc['num_layers'], enc['num_heads']))
-        else:
-            d = sizes['decode_head']['in_channels']
-            size = next((n for (dim, _, _), n in SIZE_NAMES.items() if dim == d), None)
-        folder, head = ('cbt', 'cbt-head') if self.head == 'cbt' else ('depict', self.head)
-        crop = {'large': '640x640'}
-        return [f'{folder}/{head}_vit-{n[0]}_mask_8xb1-160k_ade20k-{crop.get(n, "512x512")}.py'
-                for n in (size, 'small') if n]
+            return super().size_name(sizes['backbone'])
+        d = sizes['decode_head']['in_channels']
+        return next((n for (dim, _, _), n in SIZE_NAMES.items() if dim == d), None)
 
     def model(self, s):
         head = s['decode_head']
@@ -464,27 +428,27 @@ class SegmenterKind(Kind):
         return dict(backbone=dict(embed_dims=d, num_heads=heads), decode_head=head)
 
 
-_ATTENTION_MODULES = (
-    ('a CBSA attention module', "convert_attention('cbsa', ...)",
-     lambda keys: keys == {'proj.weight', 'step_rep', 'step_x', 'to_out.weight', 'to_out.bias'}),
-    ('an MSSA attention module', "convert_attention('mssa', ...)",
-     lambda keys: keys == {'qkv.weight', 'to_out.weight', 'to_out.bias'}),
-    ('a TSSA attention module', "convert_attention('tssa', ...)",
-     lambda keys: keys == {'qkv.weight', 'temp', 'to_out.weight', 'to_out.bias'}),
-    ("a softmax-layout attention module (qkv, proj: ViT, MiTA or the CBSA repository's "
-     'ViT-adaptation attention)', 'convert_mita_attention for MiTA; the others keep their names',
-     lambda keys: {'qkv.weight', 'proj.weight'} <= keys <= {
-         'qkv.weight', 'qkv.bias', 'proj.weight', 'proj.bias', 'dwc.weight', 'dwc.bias'}),
-)
-
-
 class AttentionOnly(Kind):
     """One attention module (the reference fixtures ``*_attention``): refused."""
     name = 'attention-only'
     title = 'a single attention module (not a model checkpoint)'
+    _OUT = {'to_out.weight', 'to_out.bias'}
+    _MODULES = (  # (what, its converter, its exact keys or (fewest, most))
+        ('a CBSA attention module', "convert_attention('cbsa', ...)",
+         {'proj.weight', 'step_rep', 'step_x'} | _OUT),
+        ('an MSSA attention module', "convert_attention('mssa', ...)", {'qkv.weight'} | _OUT),
+        ('a TSSA attention module', "convert_attention('tssa', ...)",
+         {'qkv.weight', 'temp'} | _OUT),
+        ("a softmax-layout attention module (qkv, proj: ViT, MiTA or the CBSA repository's "
+         'ViT-adaptation attention)', 'convert_mita_attention for MiTA; the others keep their '
+         'names', ({'qkv.weight', 'proj.weight'},
+                   {'qkv.weight', 'qkv.bias', 'proj.weight', 'proj.bias', 'dwc.weight',
+                    'dwc.bias'})))
 
     def _which(self, sd):
-        return next(((what, fn) for what, fn, test in _ATTENTION_MODULES if test(set(sd))), None)
+        keys = set(sd)
+        return next(((what, fn) for what, fn, ks in self._MODULES
+                     if (ks[0] <= keys <= ks[1] if isinstance(ks, tuple) else keys == ks)), None)
 
     def match(self, sd):
         return self._which(sd) is not None
@@ -497,7 +461,8 @@ class AttentionOnly(Kind):
 
 
 KINDS: Dict[str, Kind] = {k.name: k for k in (
-    WhiteBoxClassifier('CBSA'), WhiteBoxClassifier('MSSA'), WhiteBoxClassifier('TSSA'),
+    WhiteBoxClassifier('CBSA', 'cbt', 'CBT'), WhiteBoxClassifier('MSSA', 'crate', 'CRATE'),
+    WhiteBoxClassifier('TSSA', 'tost', 'ToST'),
     PrimalClassifier(former=False), PrimalClassifier(former=True),
     MiTADeiT(dwc=False), MiTADeiT(dwc=True), MiTADeiT(dwc=True, gate=True),
     *(SegmenterKind(h, full) for full in (True, False) for h in ('depict-sa', 'depict-ca', 'cbt')),

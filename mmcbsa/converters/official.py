@@ -1,22 +1,16 @@
 """One conversion for every released checkpoint of the papers mmcbsa implements.
 
-:func:`convert_official_checkpoint` reads a reference checkpoint (weights only), lets
-:func:`~mmcbsa.converters.kinds.recognise` find its kind, renames its weights and
-writes two files:
-
-- ``DST``: an mmengine checkpoint, ``{'state_dict', 'meta': {'converted_from',
-  'kind', 'config', 'sizes'}}``;
-- ``DST`` with ``.py`` (``model.pth`` -> ``model.py``): a short config that inherits the
-  committed config of the released model (``configs/<family>/...``, by absolute path,
-  so it works from any directory) and overrides only what this checkpoint changes: the
-  settings its sizes fix where they differ from the release's (a checkpoint of another
-  size inherits the kind's default release and overrides its sizes), and the settings
-  the released weights were trained with (``legacy_pooling=True`` for CBSA / MiTA, the
-  Segmenter encoder's LayerNorm eps / patch bias / position-embedding resizing).
-
-The model built from ``DST.py`` must take every converted tensor with its shape and
-leave no parameter unfilled (except what the kind cannot hold, e.g. the encoder of a
-decoder-only checkpoint, which the report names) before anything is kept.
+:func:`convert_official_checkpoint` reads a reference checkpoint (weights only), finds its
+kind (:func:`~mmcbsa.converters.kinds.recognise`), renames its weights and writes ``DST``,
+an mmengine checkpoint (``{'state_dict', 'meta': {'converted_from', 'kind', 'config',
+'sizes'}}``), and ``DST`` with ``.py``: a short config that inherits the committed config
+of the released model (``configs/...``, by absolute path) and overrides only what this
+checkpoint changes: the sizes that differ from the release's (a checkpoint of another
+size inherits the kind's small release) and the settings the released weights were
+trained with (``legacy_pooling=True`` for CBSA / MiTA, the Segmenter encoder's LayerNorm
+eps / patch bias / position-embedding resizing). The model built from that config must
+take every converted tensor with its shape and leave no parameter unfilled (except what
+the kind expects, e.g. the encoder of a decoder-only checkpoint) before anything is kept.
 """
 import copy
 import inspect
@@ -28,7 +22,6 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
-from torch import Tensor
 
 from mmcbsa.model_index import index_root
 from mmcbsa.models.backbones import WhiteBoxViT
@@ -52,8 +45,8 @@ class ConversionFailed(RuntimeError):
 class ConversionReport:
     """What :func:`convert_official_checkpoint` did: the files (``src``, ``dst``,
     ``config``), how ``src`` stored its weights (``stored``), the ``kind`` and what it read
-    (``rec``), the release config ``inherited`` and its ``overrides``, the source keys
-    ``unused`` and model keys ``not_filled`` (with why), the tensors ``written``."""
+    (``rec``), the source keys ``unused`` and model keys ``not_filled`` (with why), the
+    release config ``inherited`` and its ``overrides``, the tensors ``written``."""
     src: str
     dst: str
     config: str
@@ -61,30 +54,29 @@ class ConversionReport:
     kind: Kind
     rec: Recognised
     unused: Dict[str, str]
+    not_filled: Dict[str, Tuple[int, str]] = field(default_factory=dict)
     inherited: str = ''
     overrides: dict = field(default_factory=dict)
-    not_filled: Dict[str, Tuple[int, str]] = field(default_factory=dict)
     written: int = 0
 
     def lines(self) -> List[str]:
         """The report as ``official2mmcbsa`` prints it."""
         assumed = {n for names in self.rec.defaults for n in names.split(', ')}
-        read = {k: v for k, v in _flat(self.rec.sizes).items() if k.split('.')[-1] not in assumed}
+        read = ', '.join(f'{k}={v}' for k, v in _flat(self.rec.sizes).items()
+                         if k.split('.')[-1] not in assumed)
         out = [f'read {self.stored}', f'recognised: {self.kind.name} -- {self.kind.title}',
-               'sizes read off the tensors: ' + ', '.join(f'{k}={v}' for k, v in read.items())]
+               f'sizes read off the tensors: {read}']
         if self.rec.defaults:
             out.append('not stored in the weights: ' +
                        '; '.join(f'{k}: {why}' for k, why in self.rec.defaults.items()))
-        out += [f'note: {n}' for n in self.rec.notes] + [
+        unused = '; '.join(f'{k} ({why})' for k, why in self.unused.items())
+        missing = '; '.join(f'{n} under {p} -- {why}' for p, (n, why) in self.not_filled.items())
+        return out + [f'note: {n}' for n in self.rec.notes] + [
             f'config: {self.config} inherits {self.inherited}; overrides: '
-            f'{self.overrides or "none"}',
-            'source keys not used: ' + ('; '.join(f'{k} ({why})' for k, why in self.unused.items())
-                                        or 'none'),
-            'model keys not filled: ' + ('; '.join(f'{n} under {p} -- {why}' for p, (n, why)
-                                                   in self.not_filled.items()) or 'none'),
+            f'{self.overrides or "none"}', f'source keys not used: {unused or "none"}',
+            f'model keys not filled: {missing or "none"}',
             f'wrote {self.dst} ({self.written} tensors) and {self.config}',
             f'test: python tools/test.py {self.config} {self.dst}']
-        return out
 
 
 def _flat(value: Mapping, prefix: str = '') -> Dict[str, Any]:
@@ -109,25 +101,11 @@ def config_path_for(dst: str) -> str:
     return stem + '.py'
 
 
-_CONFIG_CACHE: Dict[Tuple[str, float], Config] = {}
-
-
-def _load_config(path: str) -> Config:
-    """``Config.fromfile``, cached per file and modification time (a config with
-    ``mmpretrain::`` / ``mmseg::`` bases takes most of a second to parse)."""
-    key = (path, osp.getmtime(path))
-    if key not in _CONFIG_CACHE:
-        _CONFIG_CACHE[key] = Config.fromfile(path)
-    return _CONFIG_CACHE[key]
-
-
 # --------------------------------------------------------------------------- overrides
 def _plain(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return tuple(_plain(v) for v in value)
-    return value
+    return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _class(cfg: Any, scope: str) -> Optional[type]:
@@ -149,13 +127,11 @@ def _diff(want: Mapping, have: Any, scope: str, cls: Optional[type] = None) -> d
     for key, value in want.items():
         current = have.get(key, _MISSING) if isinstance(have, Mapping) else _MISSING
         current = _default(cls, key) if current is _MISSING else current
-        if isinstance(value, Mapping) and isinstance(current, Mapping) and \
-                value.get('type', current.get('type')) == current.get('type'):
-            sub = _diff(value, current, scope, _class(current, scope))
-            if sub:
-                out[key] = sub
-        elif isinstance(value, Mapping) and isinstance(current, Mapping):
-            out[key] = dict(_delete_=True, **value)
+        if isinstance(value, Mapping) and isinstance(current, Mapping):
+            if value.get('type', current.get('type')) != current.get('type'):
+                out[key] = dict(_delete_=True, **value)
+            elif _diff(value, current, scope, _class(current, scope)):
+                out[key] = _diff(value, current, scope, _class(current, scope))
         elif _plain(value) != _plain(current):
             out[key] = value
     return out
@@ -166,33 +142,29 @@ def release_overrides(kind: Kind, sizes: Mapping[str, Any], release_model: Mappi
     the differing entries only; a differing WhiteBoxViT ``arch`` is written whole."""
     want = copy.deepcopy(kind.model(sizes))
     arch = want.get('backbone', {}).pop('arch', None)
-    scope = kind.scope
-    out = _diff(want, release_model, scope, _class(release_model, scope))
+    out = _diff(want, release_model, kind.scope, _class(release_model, kind.scope))
     if arch is not None:
-        have = (release_model.get('backbone') or {}).get('arch', _default(WhiteBoxViT, 'arch'))
+        have = WhiteBoxViT.resolve_arch((release_model.get('backbone') or {}).get(
+            'arch', _default(WhiteBoxViT, 'arch')))
         resolved = WhiteBoxViT.resolve_arch(arch)
-        if _diff(resolved, WhiteBoxViT.resolve_arch(have), scope) or \
-                set(WhiteBoxViT.resolve_arch(have)) - set(resolved):
+        if _diff(resolved, have, kind.scope) or set(have) - set(resolved):
             out['backbone'] = dict(arch=dict(_delete_=True, **arch), **out.get('backbone', {}))
     return out
 
 
 # ------------------------------------------------------------------------ build/load
-def _build(model_cfg: Mapping, scope: str) -> torch.nn.Module:
-    with DefaultScope.overwrite_default_scope(scope):
+def _build_and_load(cfg: Config, state: Mapping[str, torch.Tensor],
+                    kind: Kind) -> Tuple[torch.nn.Module, Dict[str, Tuple[int, str]]]:
+    """Build ``cfg.model`` and load ``state``: the model and ``{prefix: (count, why)}`` of
+    the parameters it leaves unfilled as the kind expects; anything else (an impossible
+    model, a shape, an extra or missing tensor) is a :class:`ConversionError`."""
+    with DefaultScope.overwrite_default_scope(cfg.get('default_scope') or kind.scope):
         try:
-            model = _REGISTRIES[scope].build(model_cfg)
+            model = _REGISTRIES[kind.scope].build(cfg.model).eval()
         except (ValueError, TypeError, KeyError, AssertionError) as e:
             message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
             raise ConversionError('the sizes read give an impossible model: '
                                   + ' '.join(message.split())) from None
-    return model.eval()
-
-
-def _check_loads(model: torch.nn.Module, state: Mapping[str, Tensor],
-                 kind: Kind) -> Dict[str, Tuple[int, str]]:
-    """Load ``state`` into ``model``; ``{prefix: (count, why)}`` of the parameters it
-    leaves unfilled as the kind expects. Anything else is a :class:`ConversionError`."""
     own = model.state_dict()
     bad = [f'{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}'
            for k, v in state.items() if k in own and own[k].shape != v.shape]
@@ -210,12 +182,11 @@ def _check_loads(model: torch.nn.Module, state: Mapping[str, Tensor],
         if prefix is None:
             other.append(key)
         else:
-            n, why = expected.get(prefix, (0, kind.expected_missing[prefix]))
-            expected[prefix] = (n + 1, why)
+            expected[prefix] = (expected.get(prefix, (0, ))[0] + 1, kind.expected_missing[prefix])
     if other:
         raise ConversionError(f'the checkpoint does not fill {len(other)} parameters '
                               f'of a {kind.name} model: {sorted(other)[:8]}')
-    return expected
+    return model, expected
 
 
 # ------------------------------------------------------------------------- pipeline
@@ -249,48 +220,41 @@ def convert_official_checkpoint(src: str, dst: str,
         converted, unused = kind.convert(ckpt.state_dict, rec.sizes)
     except ConversionError as e:
         raise ConversionError(f'{src}: {e}') from None
-    how = (['under ' + '/'.join(map(repr, ckpt.wrappers))] if ckpt.wrappers else []) + (
+    how = ([f"under {'/'.join(map(repr, ckpt.wrappers))}"] if ckpt.wrappers else []) + (
         [f"'module.' stripped from {ckpt.stripped_prefix} keys"] if ckpt.stripped_prefix
-        else []) + (['also held (not converted): ' + ', '.join(ckpt.extras)]
+        else []) + ([f"also held (not converted): {', '.join(ckpt.extras)}"]
                     if ckpt.extras else [])
-    stored = f'{len(ckpt.state_dict)} tensors from {src}' + (f" ({'; '.join(how)})" if how
-                                                             else '')
+    stored = f'{len(ckpt.state_dict)} tensors from {src}' + (f" ({'; '.join(how)})" * bool(how))
     report = ConversionReport(src, dst, cfg_path, stored, kind, rec, unused)
     del ckpt
 
     root = configs_root()
-    found = [osp.join(root, r) for r in kind.releases(rec.sizes)
-             if osp.isfile(osp.join(root, r))]
+    found = [osp.join(root, r) for r in kind.releases(rec.sizes) if osp.isfile(osp.join(root, r))]
     if not found:
         raise ConversionFailed(f'none of the {kind.name} release configs '
                                f'{kind.releases(rec.sizes)} is in {root}')
-    release = osp.realpath(found[0])
+    report.inherited = release = osp.realpath(found[0])
     try:
-        over = release_overrides(kind, rec.sizes, _load_config(release).model)
+        over = release_overrides(kind, rec.sizes, Config.fromfile(release).model)
     except (ValueError, TypeError) as e:
         raise ConversionError(f'{src}: the sizes read give an impossible model: {e}') from None
-    body = dict(_base_=[release], **({'model': over} if over else {}))
-    text = '\n'.join([  # mmengine's own config writer
-        f'# Written by tools/model_converters/official2mmcbsa.py from {osp.basename(src)}',
-        f'# kind: {kind.name} -- {kind.title}', f'# test: python tools/test.py {cfg_path} {dst}',
-        Config(body).pretty_text])
+    report.overrides = over
     os.makedirs(osp.dirname(osp.abspath(cfg_path)), exist_ok=True)
-    with open(cfg_path, 'w') as f:
-        f.write(text)
+    with open(cfg_path, 'w') as f:  # mmengine's own config writer
+        f.write('\n'.join([
+            f'# Written by tools/model_converters/official2mmcbsa.py from {osp.basename(src)}',
+            f'# kind: {kind.name} -- {kind.title}',
+            f'# test: python tools/test.py {cfg_path} {dst}',
+            Config(dict(_base_=[release], **({'model': over} if over else {}))).pretty_text]))
     try:
         cfg = Config.fromfile(cfg_path)
-        model = _build(cfg.model, cfg.get('default_scope') or kind.scope)
-        report.not_filled = _check_loads(model, converted, kind)
-    except ConversionError as e:
+        model, report.not_filled = _build_and_load(cfg, converted, kind)
+    except BaseException as e:
         os.remove(cfg_path)
-        raise ConversionError(f'{src}: {e}') from None
-    except BaseException:
-        os.remove(cfg_path)
+        if isinstance(e, ConversionError):
+            raise ConversionError(f'{src}: {e}') from None
         raise
-    report.inherited, report.overrides = release, over
-    note = _classes_note(cfg, model)
-    if note:
-        rec.notes.append(note)
+    rec.notes += [n for n in [_classes_note(cfg, model)] if n]
     save_converted(converted, dst, src, kind=kind.name, config=osp.abspath(cfg_path),
                    sizes=rec.sizes)
     report.written = len(converted)
@@ -305,8 +269,7 @@ def _classes_note(cfg: Config, model: torch.nn.Module) -> Optional[str]:
     dataset = (cfg.get('test_dataloader') or {}).get('dataset') or {}
     classes = (dataset.get('metainfo') or {}).get('classes')
     if classes is None and isinstance(dataset.get('type'), str):
-        cls = registry.get(dataset['type'])
-        classes = getattr(cls, 'METAINFO', {}).get('classes') if cls is not None else None
+        classes = getattr(registry.get(dataset['type']), 'METAINFO', {}).get('classes')
     head = getattr(model, 'decode_head', None) or getattr(model, 'head', None)
     n_cls = getattr(head, 'num_classes', None)
     if classes is None or n_cls is None or len(classes) == n_cls:

@@ -81,42 +81,36 @@ def resolve_heads(rows: int, rows_from: str, opts: ConvertOptions, default_head_
     per-head tensor (``read_heads``), given (``opts.<heads_flag>``, ``opts.<dims_flag>``)
     or from ``default_head_dims``. Returns ``(H, p, why)``, ``why`` None when read.
     Raises :class:`ConversionError` when a given value contradicts the tensors."""
-    num_heads = getattr(opts, heads_flag)
-    head_dims = getattr(opts, dims_flag) if dims_flag else None
+    heads, dims = getattr(opts, heads_flag), getattr(opts, dims_flag) if dims_flag else None
     hflag = ConvertOptions.flag(heads_flag)
     pflag = ConvertOptions.flag(dims_flag) if dims_flag else hflag
     if read_heads is not None:
-        if read_heads <= 0 or rows % read_heads:
+        p = rows // read_heads if read_heads > 0 else 0
+        if p * read_heads != rows:
             raise ConversionError(f'{rows_from} has {rows} rows, not a multiple of the '
                                   f'{read_heads} heads of {read_from}')
-        p = rows // read_heads
-        if num_heads is not None and num_heads != read_heads:
-            raise ConversionError(f'{hflag} {num_heads} contradicts {read_from}, which holds '
+        if heads not in (None, read_heads):
+            raise ConversionError(f'{hflag} {heads} contradicts {read_from}, which holds '
                                   f'{read_heads} heads')
-        if head_dims is not None and head_dims != p:
-            raise ConversionError(f'{pflag} {head_dims} contradicts the tensors: {rows_from} '
-                                  f'has {rows} rows for the {read_heads} heads of {read_from}, '
+        if dims not in (None, p):
+            raise ConversionError(f'{pflag} {dims} contradicts the tensors: {rows_from} has '
+                                  f'{rows} rows for the {read_heads} heads of {read_from}, '
                                   f'i.e. head width {p}')
         return read_heads, p, None
-    if num_heads is not None and head_dims is not None:
-        if num_heads * head_dims != rows:
-            raise ConversionError(f'{hflag} {num_heads} x {pflag} {head_dims} = '
-                                  f'{num_heads * head_dims}, but {rows_from} has {rows} rows')
-        return num_heads, head_dims, f'{num_heads} x {head_dims}, given ({hflag}, {pflag})'
-    if num_heads is not None:
-        if rows % num_heads:
-            raise ConversionError(f'{hflag} {num_heads} does not divide the {rows} rows of '
-                                  f'{rows_from}')
-        return num_heads, rows // num_heads, (f'{num_heads} heads given ({hflag}), of width '
-                                              f'{rows // num_heads}')
-    p = head_dims if head_dims is not None else default_head_dims
+    if heads is not None and dims is not None and heads * dims != rows:
+        raise ConversionError(f'{hflag} {heads} x {pflag} {dims} = {heads * dims}, but '
+                              f'{rows_from} has {rows} rows')
+    if heads is not None and rows % heads:
+        raise ConversionError(f'{hflag} {heads} does not divide the {rows} rows of {rows_from}')
+    p = dims or (rows // heads if heads else default_head_dims)
     if rows % p:
-        source = pflag if head_dims is not None else f'the official default {p}'
+        source = pflag if dims else f'the official default {p}'
         raise ConversionError(f'{rows_from} has {rows} rows, not a multiple of the head width '
                               f'{p} ({source}); give {pflag} or {hflag}')
-    why = f'{p}, given ({pflag}): {rows // p} heads' if head_dims is not None else (
-        f'{p}, the official head width ({rows_from} holds H*p = {rows} rows and no '
-        f'per-head tensor; {pflag} / {hflag} to change)')
+    given = [f for f, v in ((hflag, heads), (pflag, dims)) if v is not None]
+    why = f'{rows // p} heads of width {p}, given ({", ".join(given)})' if given else (
+        f'{rows // p} heads of the official width {p} ({rows_from}: {rows} = H*p, no per-head '
+        f'tensor; {" / ".join(dict.fromkeys((pflag, hflag)))} to change)')
     return rows // p, p, why
 
 
