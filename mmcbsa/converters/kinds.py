@@ -428,36 +428,16 @@ class SegmenterKind(Kind):
         return dict(backbone=dict(embed_dims=d, num_heads=heads), decode_head=head)
 
 
-class AttentionOnly(Kind):
-    """One attention module (the reference fixtures ``*_attention``): refused."""
-    name = 'attention-only'
-    title = 'a single attention module (not a model checkpoint)'
-    _OUT = {'to_out.weight', 'to_out.bias'}
-    _MODULES = (  # (what, its converter, its exact keys or (fewest, most))
-        ('a CBSA attention module', "convert_attention('cbsa', ...)",
-         {'proj.weight', 'step_rep', 'step_x'} | _OUT),
-        ('an MSSA attention module', "convert_attention('mssa', ...)", {'qkv.weight'} | _OUT),
-        ('a TSSA attention module', "convert_attention('tssa', ...)",
-         {'qkv.weight', 'temp'} | _OUT),
-        ("a softmax-layout attention module (qkv, proj: ViT, MiTA or the CBSA repository's "
-         'ViT-adaptation attention)', 'convert_mita_attention for MiTA; the others keep their '
-         'names', ({'qkv.weight', 'proj.weight'},
-                   {'qkv.weight', 'qkv.bias', 'proj.weight', 'proj.bias', 'dwc.weight',
-                    'dwc.bias'})))
-
-    def _which(self, sd):
-        keys = set(sd)
-        return next(((what, fn) for what, fn, ks in self._MODULES
-                     if (ks[0] <= keys <= ks[1] if isinstance(ks, tuple) else keys == ks)), None)
-
-    def match(self, sd):
-        return self._which(sd) is not None
-
-    def infer(self, sd, opts, extras):
-        what, fn = self._which(sd)
-        raise ConversionError(f'holds {what} ({len(sd)} tensors: {", ".join(sorted(sd))}), '
-                              'not a released model checkpoint; attention modules are '
-                              f'converted in Python (mmcbsa.converters: {fn})')
+_OUT = {'to_out.weight', 'to_out.bias'}
+_ATTENTION_MODULES = (  # (what, its converter, its exact keys or (fewest, most))
+    ('a CBSA attention module', "convert_attention('cbsa', ...)",
+     {'proj.weight', 'step_rep', 'step_x'} | _OUT),
+    ('an MSSA attention module', "convert_attention('mssa', ...)", {'qkv.weight'} | _OUT),
+    ('a TSSA attention module', "convert_attention('tssa', ...)", {'qkv.weight', 'temp'} | _OUT),
+    ("a softmax-layout attention module (qkv, proj: ViT, MiTA or the CBSA repository's "
+     'ViT-adaptation attention)', 'convert_mita_attention for MiTA; the others keep their names',
+     ({'qkv.weight', 'proj.weight'},
+      {'qkv.weight', 'qkv.bias', 'proj.weight', 'proj.bias', 'dwc.weight', 'dwc.bias'})))
 
 
 KINDS: Dict[str, Kind] = {k.name: k for k in (
@@ -465,8 +445,7 @@ KINDS: Dict[str, Kind] = {k.name: k for k in (
     WhiteBoxClassifier('TSSA', 'tost', 'ToST'),
     PrimalClassifier(former=False), PrimalClassifier(former=True),
     MiTADeiT(dwc=False), MiTADeiT(dwc=True), MiTADeiT(dwc=True, gate=True),
-    *(SegmenterKind(h, full) for full in (True, False) for h in ('depict-sa', 'depict-ca', 'cbt')),
-    AttentionOnly())}
+    *(SegmenterKind(h, full) for full in (True, False) for h in ('depict-sa', 'depict-ca', 'cbt')))}
 
 
 def _summary(state_dict: Mapping[str, Tensor], limit: int = 4) -> str:
@@ -482,16 +461,22 @@ def _summary(state_dict: Mapping[str, Tensor], limit: int = 4) -> str:
 
 def recognise(state_dict: Mapping[str, Tensor]) -> Kind:
     """The one kind of :data:`KINDS` whose predicate holds (else
-    :class:`ConversionError` saying what was seen)."""
+    :class:`ConversionError` saying what was seen: a single attention module is refused
+    with its converter's name)."""
     found = [kind for kind in KINDS.values() if kind.match(state_dict)]
-    if len(found) > 1:
+    if len(found) == 1:
+        return found[0]
+    if found:
         raise ConversionError(f'ambiguous checkpoint: it matches the kinds '
                               f'{[k.name for k in found]} ({_summary(state_dict)})')
-    if not found:
-        hint = ''
-        if any(k.startswith(('backbone.', 'decode_head.')) for k in state_dict):
-            hint = ' -- it looks like an mmcbsa / OpenMMLab checkpoint already: use it ' \
-                   'with its config directly'
-        raise ConversionError(f'unknown kind of checkpoint: {_summary(state_dict)}{hint}; '
-                              f'known kinds: {", ".join(KINDS)}')
-    return found[0]
+    keys = set(state_dict)
+    for what, fn, ks in _ATTENTION_MODULES:
+        if ks[0] <= keys <= ks[1] if isinstance(ks, tuple) else keys == ks:
+            raise ConversionError(
+                f'holds {what} ({len(keys)} tensors: {", ".join(sorted(keys))}), not a '
+                'released model checkpoint; attention modules are converted in Python '
+                f'(mmcbsa.converters: {fn})')
+    hint = ' -- it looks like an mmcbsa / OpenMMLab checkpoint already: use it with its ' \
+        'config directly' if any(k.startswith(('backbone.', 'decode_head.')) for k in keys) else ''
+    raise ConversionError(f'unknown kind of checkpoint: {_summary(state_dict)}{hint}; '
+                          f'known kinds: {", ".join(KINDS)}')

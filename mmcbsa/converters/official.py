@@ -203,7 +203,7 @@ def convert_official_checkpoint(src: str, dst: str,
 
     Raises:
         ConversionError: the input is refused (unreadable or not weights-only file,
-            unknown kind, attention-only state dict, impossible or contradictory sizes,
+            unknown kind, a single attention module, impossible or contradictory sizes,
             options that contradict the tensors or do not apply).
         ConversionFailed: no release config of the kind is there (a broken install).
     """
