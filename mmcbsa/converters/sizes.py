@@ -108,8 +108,9 @@ def resolve_heads(rows: int, rows_from: str, opts: ConvertOptions, default_head_
         raise ConversionError(f'{rows_from} has {rows} rows, not a multiple of the head width '
                               f'{p} ({source}); give {pflag} or {hflag}')
     given = [f for f, v in ((hflag, heads), (pflag, dims)) if v is not None]
-    why = f'{rows // p} heads of width {p}, given ({", ".join(given)})' if given else (
-        f'{rows // p} heads of the official width {p} ({rows_from}: {rows} = H*p, no per-head '
+    count = f'{rows // p} head{"s" * (rows != p)} of'
+    why = f'{count} width {p}, given ({", ".join(given)})' if given else (
+        f'{count} the official width {p} ({rows_from}: {rows} = H*p, no per-head '
         f'tensor; {" / ".join(dict.fromkeys((pflag, hflag)))} to change)')
     return rows // p, p, why
 
