@@ -72,7 +72,7 @@ def test_gpu_check_report_from_recorded_results(tmp_path):
     tput = tmp_path / 'train_throughput'
     tput.mkdir()
     keys = ['model', 'baseline', 'device', 'dtype', 'img_size', 'batch_size', 'compiled',
-            'images_per_s', 'ratio', 'step_ms', 'peak_mem_gib']
+            'images_per_s', 'ratio', 'step_ms', 'peak_mem_gib', 'cbsa_path']
     common = dict(device='cuda', dtype='bfloat16', img_size=512, compiled=False,
                   baseline='segmenter-vit-s')
     with open(tput / 'train_throughput.csv', 'w', newline='') as f:
@@ -97,7 +97,9 @@ def test_gpu_check_report_from_recorded_results(tmp_path):
                 (batch, compiled)]
             w.writerow(dict(common, model=model, batch_size=batch, compiled=compiled,
                             images_per_s=ips, ratio=ratio, step_ms=1e3 * batch / ips,
-                            peak_mem_gib=1.0))
+                            peak_mem_gib=1.0, cbsa_path='auto'))
+        w.writerow(dict(common, model='cbt-s-cbt-head', batch_size=32, images_per_s=840.0,
+                        ratio=1.4, step_ms=38.1, peak_mem_gib=1.0, cbsa_path='torch'))
     table = _tool('gpu_check_report').report(str(tmp_path), cuda=True)
     assert '| CUDA tests (pytest -m cuda) | all | 2 passed, 1 failure, 1 skipped |' in table
     assert '| CUDA tests (pytest -m cuda) | skip reason | 1× why not |' in table
@@ -108,6 +110,8 @@ def test_gpu_check_report_from_recorded_results(tmp_path):
             '150.0 images/s (53.30 ms), 1.50× segmenter-vit-s, peak 8.0 GiB |') in table
     assert ('| inference (cuda, bfloat16, 512², batch 1, compiled) | cbt-s-cbt-head | '
             '800.0 images/s (1.25 ms), 1.60× segmenter-vit-s, peak 1.0 GiB |') in table
+    assert ('| inference (cuda, bfloat16, 512², batch 32, CBSA path torch) | cbt-s-cbt-head | '
+            '840.0 images/s (38.10 ms), 1.40× segmenter-vit-s, peak 1.0 GiB |') in table
     # the targets: measured value, bound, and whether it holds
     assert ('| CBT-S + CBT head vs Segmenter ViT-S, 512², inference throughput, batch 32 '
             '| ≥ 1.6× | 1.50× (eager) | **no** |') in table
@@ -136,7 +140,8 @@ def test_train_throughput_cpu_smoke(tmp_path):
          '--cfg-options', 'model.backbone.num_layers=1'], cwd=REPO, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:]
-    assert '| train | segmenter-vit-s | segmenter-vit-s | no | bfloat16 | 32 | 1 |' in proc.stdout
+    assert ('| train | segmenter-vit-s | segmenter-vit-s | no | n/a | bfloat16 | 32 | 1 |'
+            in proc.stdout)
     with open(tmp_path / 'train_throughput.csv') as f:
         rows = list(csv.DictReader(f))
     assert [r['model'] for r in rows] == ['segmenter-vit-s', 'cbt-head-vit-s']
@@ -155,7 +160,8 @@ def test_throughput_classifiers_and_inference_cpu_smoke(tmp_path):
     tool = [sys.executable, str(TOOLS / 'train_throughput.py'), '--device', 'cpu',
             '--models', 'cbt-t', '--img-size', '32', '--dtype', 'float32', '--warmup', '0',
             '--iters', '1', '--num-images', '2', '--workers', '0', '--work-dir', str(tmp_path)]
-    for extra in (['--batch-size', '2'], ['--mode', 'inference', '--inference-batch', '2']):
+    for extra in (['--batch-size', '2'], ['--mode', 'inference', '--inference-batch', '2',
+                                          '--cbsa-path', 'auto', 'torch']):
         proc = subprocess.run(tool + extra, cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-4000:]
@@ -166,9 +172,11 @@ def test_throughput_classifiers_and_inference_cpu_smoke(tmp_path):
     assert all(torch.isfinite(torch.tensor(float(r['loss']))) for r in train)
     with open(tmp_path / 'inference_throughput.csv') as f:
         infer = list(csv.DictReader(f))
-    assert [(r['model'], r['batch_size'], r['compiled']) for r in infer] == [
-        ('deit-t', '1', 'False'), ('deit-t', '2', 'False'),
-        ('cbt-t', '1', 'False'), ('cbt-t', '2', 'False')]
+    # every CBSA core for CBT-T, the baseline (no CBSA) once
+    assert [(r['model'], r['batch_size'], r['cbsa_path']) for r in infer] == [
+        ('deit-t', '1', 'n/a'), ('deit-t', '2', 'n/a'), ('cbt-t', '1', 'auto'),
+        ('cbt-t', '2', 'auto'), ('cbt-t', '1', 'torch'), ('cbt-t', '2', 'torch')]
+    assert all(r['compiled'] == 'False' for r in infer)
     assert all(float(r['step_ms']) > 0 and r['loss'] == '' for r in infer)
 
 
@@ -177,10 +185,22 @@ def test_throughput_classifiers_and_inference_cpu_smoke(tmp_path):
     (['--iters', '0', '--device', 'cpu'], '--iters must be >= 1'),
     (['--device', 'cpu', '--dtype', 'float16'], 'float16 training needs loss scaling'),
     (['--device', 'cpu', '--inference-batch', '0'], '--inference-batch must be >= 1'),
+    (['--device', 'cpu', '--cbsa-path', 'triton'], '--cbsa-path triton needs --device cuda'),
 ])
 def test_train_throughput_user_errors(argv, message):
     with pytest.raises(SystemExit, match=message):
         _tool('train_throughput').main(argv)
+
+
+def test_set_cbsa_path_reaches_every_cbsa_module():
+    from mmcbsa.models.attentions import CBSA
+    from mmcbsa.models.backbones import WhiteBoxViT
+    set_path = _tool('train_throughput').set_cbsa_path
+    model = WhiteBoxViT(arch=dict(base='cbt-tiny', num_layers=3), img_size=32)
+    assert set_path(model, 'torch') == 3
+    assert [m.path for m in model.modules() if isinstance(m, CBSA)] == ['torch'] * 3
+    assert set_path(WhiteBoxViT(arch=dict(base='deit-tiny', num_layers=2), img_size=32),
+                    'torch') == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the message without CUDA')

@@ -10,7 +10,8 @@
 #    DEPICT-SA heads on Segmenter ViT-S, CBT-S + CBT head against Segmenter ViT-S, CBT-S
 #    against DeiT-S (train_throughput.py);
 # 4. inference: batch-1 latency and batch-32 throughput of CBT-S + CBT head against
-#    Segmenter ViT-S at 512² (eager and compiled with CUDA graphs) and 1024² (eager),
+#    Segmenter ViT-S at 512² (eager with CBSA's Triton core and with its PyTorch core,
+#    and compiled with CUDA graphs) and 1024² (eager),
 #    CBT-S against DeiT-S at 512² (train_throughput.py --mode inference);
 # then one summary table with the speed targets and whether each holds (also in
 # $OUT_DIR/gpu_check.md).
@@ -69,7 +70,7 @@ echo "[gpu_check] 4/4 train_throughput.py --mode inference (bf16; 512² compiled
 if [ "$CUDA" = 1 ]; then
     TT=(tools/analysis_tools/train_throughput.py --mode inference --device cuda --dtype bfloat16)
     # shellcheck disable=SC2086
-    "$PYTHON" "${TT[@]}" --models cbt-s-cbt-head --compile \
+    "$PYTHON" "${TT[@]}" --models cbt-s-cbt-head --compile --cbsa-path auto torch \
         --work-dir "$OUT_DIR/inference_seg512" ${INFERENCE_ARGS:-} || status=$?
     # shellcheck disable=SC2086
     "$PYTHON" "${TT[@]}" --models cbt-s-cbt-head --img-size 1024 --inference-batch 8 \

@@ -82,6 +82,12 @@ def _read(path: str) -> List[dict]:
         return list(csv.DictReader(f))
 
 
+def _path_note(row: dict) -> str:
+    """``', CBSA path torch'`` for a row timed with another CBSA core than the default."""
+    path = row.get('cbsa_path')
+    return f', CBSA path {path}' if path not in (None, '', 'auto', 'n/a') else ''
+
+
 def throughput_rows(paths: List[str], cuda: bool, what: str) -> List[Row]:
     rows = [r for p in paths for r in _read(p)]
     if not rows:
@@ -91,7 +97,7 @@ def throughput_rows(paths: List[str], cuda: bool, what: str) -> List[Row]:
         ips = float(r['images_per_s'])
         ratio = f", {float(r['ratio']):.2f}× {r['baseline']}" if r.get('ratio') else ''
         mem = f", peak {float(r['peak_mem_gib']):.1f} GiB" if r.get('peak_mem_gib') else ''
-        compiled = ', compiled' if r.get('compiled') == 'True' else ''
+        compiled = (', compiled' if r.get('compiled') == 'True' else '') + _path_note(r)
         out.append((f"{what} ({r['device']}, {r['dtype']}, {r['img_size']}², batch "
                     f"{r['batch_size']}{compiled})", r['model'],
                     f"{ips:.1f} images/s ({float(r['step_ms']):.2f} ms){ratio}{mem}"))
@@ -138,19 +144,21 @@ def _measure(kind: str, sel: dict, bench: List[dict], train: List[dict],
         hit = [r for r in train if r['model'] == sel['model'] and r.get('ratio')]
         if not hit:
             return None, 'not measured'
-        return float(hit[0]['ratio']), f"{float(hit[0]['images_per_s']):.1f} images/s"
+        best = max(hit, key=lambda r: float(r['ratio']))
+        return float(best['ratio']), f"{float(best['images_per_s']):.1f} images/s{_path_note(best)}"
     hit = [r for r in infer if r['model'] == sel['model'] and int(r['batch_size']) == sel['batch']
            and int(r['img_size']) == sel['img'] and r.get('ratio')]
     if not hit:
         return None, 'not measured'
     if kind == 'infer':
         best = max(hit, key=lambda r: float(r['ratio']))
-        return float(best['ratio']), ('compiled' if best['compiled'] == 'True' else 'eager')
+        return float(best['ratio']), ('compiled' if best['compiled'] == 'True' else 'eager') \
+            + _path_note(best)
     # latency ratio = 1 / throughput ratio at batch 1; the better of eager and compiled
     best = max(hit, key=lambda r: float(r['ratio']))
     return 1.0 / float(best['ratio']), ('compiled vs compiled' if best['compiled'] == 'True'
                                         else 'eager vs eager') + \
-        f", {float(best['step_ms']):.2f} ms"
+        f", {float(best['step_ms']):.2f} ms{_path_note(best)}"
 
 
 def target_rows(out_dir: str) -> List[str]:

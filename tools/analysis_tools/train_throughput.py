@@ -44,8 +44,12 @@ batch-1 latency (median of ``--iters`` calls) and the images/s of
 latency compiled with ``torch.compile(mode='reduce-overhead')`` (CUDA graphs; the first
 call's compilation time is reported).
 
-Every row has the ratio to the baseline of its kind in the same run, the peak CUDA
-memory and (training) the last loss.
+``--cbsa-path auto torch`` times every model with CBSA modules once per core (``path``
+of :class:`~mmcbsa.models.attentions.CBSA`: ``auto`` runs the Triton kernels on CUDA,
+``torch`` the PyTorch path, i.e. cuBLAS), in this process, and the baseline once.
+
+Every row has the ratio to the baseline of its kind in the same run, the CBSA path, the
+peak CUDA memory and (training) the last loss.
 
 Examples::
 
@@ -97,6 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         'torch.compile(mode="reduce-overhead")')
     parser.add_argument('--inference-batch', type=int, default=32,
                         help='images per call of the inference throughput')
+    parser.add_argument('--cbsa-path', nargs='+', default=['auto'],
+                        choices=('auto', 'torch', 'triton'),
+                        help="the CBSA core of every CBSA module (its path: 'auto' = Triton "
+                        "on CUDA, 'torch' = the PyTorch path); several values time each "
+                        'model with CBSA once per path, in this process (the baseline once)')
     parser.add_argument('--device', default='cuda', choices=('cuda', 'cpu'))
     parser.add_argument('--dtype', default='bfloat16', choices=DTYPES)
     parser.add_argument('--img-size', type=int, default=512, help='square crop size')
@@ -130,6 +139,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.device == 'cpu' and args.dtype == 'float16':
         raise SystemExit('train_throughput.py: error: float16 training needs loss scaling '
                          'on a GPU; use --dtype bfloat16 or float32 on the CPU')
+    if args.device == 'cpu' and 'triton' in args.cbsa_path:
+        raise SystemExit("train_throughput.py: error: --cbsa-path triton needs --device cuda "
+                         "(on the CPU CBSA runs its PyTorch path; 'auto' and 'torch' are the "
+                         'same there)')
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise SystemExit('train_throughput.py: CUDA is not available on this machine; '
                          'use --device cpu for a (slow) CPU run')
@@ -263,17 +276,32 @@ def _row(name: str, args: argparse.Namespace, **values) -> Dict:
                 dtype=args.dtype, device=args.device, img_size=args.img_size, **values)
 
 
+def set_cbsa_path(model, path: str) -> int:
+    """Set ``path`` on every :class:`~mmcbsa.models.attentions.CBSA` of ``model``;
+    returns how many there are."""
+    from mmcbsa.models.attentions import CBSA
+    found = [m for m in model.modules() if isinstance(m, CBSA)]
+    for m in found:
+        m.path = path
+    return len(found)
+
+
 def _peak_gib(device: str) -> Optional[float]:
     import torch
     return torch.cuda.max_memory_allocated() / 2 ** 30 if device == 'cuda' else None
 
 
-def run_model(name: str, data_root: str, args: argparse.Namespace) -> List[Dict]:
-    """Training throughput of one model through mmengine's Runner (one row)."""
+def run_model(name: str, data_root: str, args: argparse.Namespace,
+              path: str = 'auto') -> List[Dict]:
+    """Training throughput of one model through mmengine's Runner (one row; none for a
+    model without CBSA at a ``path`` after the first of ``--cbsa-path``)."""
     import torch
     from mmengine.runner import Runner
     cfg = build_cfg(name, data_root, args)
     runner = Runner.from_cfg(cfg)
+    with_cbsa = set_cbsa_path(runner.model, path)
+    if not with_cbsa and path != args.cbsa_path[0]:
+        return []
     timer = _step_timer(args.warmup, args.device)
     runner.register_hook(timer, priority='LOWEST')
     runner.train()
@@ -281,7 +309,8 @@ def run_model(name: str, data_root: str, args: argparse.Namespace) -> List[Dict]
     row = _row(name, args, compiled=bool(args.compile), batch_size=args.batch_size,
                iters=len(timer.times), images_per_s=args.batch_size * len(timer.times) / total,
                step_ms=statistics.median(timer.times) * 1e3, first_s=timer.first,
-               loss=timer.loss, peak_mem_gib=_peak_gib(args.device))
+               loss=timer.loss, peak_mem_gib=_peak_gib(args.device),
+               cbsa_path=path if with_cbsa else 'n/a')
     del runner
     if args.device == 'cuda':
         torch.cuda.empty_cache()
@@ -303,9 +332,10 @@ def _timed(call, iters: int, device: str) -> List[float]:
     return times
 
 
-def run_inference(name: str, args: argparse.Namespace) -> List[Dict]:
+def run_inference(name: str, args: argparse.Namespace, path: str = 'auto') -> List[Dict]:
     """Batch-1 latency and batch-``--inference-batch`` throughput of one model, eager
-    and (``--compile``) compiled with CUDA graphs."""
+    and (``--compile``, first ``--cbsa-path`` only: compiled code always traces CBSA's
+    PyTorch path) compiled with CUDA graphs."""
     import torch
     from mmengine.registry import init_default_scope
     from mmpretrain.registry import MODELS as CLS_MODELS
@@ -314,10 +344,14 @@ def run_inference(name: str, args: argparse.Namespace) -> List[Dict]:
     seg = MODELS[name][1] == 'seg'
     init_default_scope('mmseg' if seg else 'mmpretrain')
     model = (SEG_MODELS if seg else CLS_MODELS).build(cfg.model).to(args.device).eval()
+    with_cbsa = set_cbsa_path(model, path)
+    first_path = path == args.cbsa_path[0]
+    if not with_cbsa and not first_path:
+        return []
     dtype = getattr(torch, args.dtype)
     rows = []
     variants = [('eager', model)]
-    if args.compile:
+    if args.compile and first_path:
         variants.append(('compiled', torch.compile(model, mode='reduce-overhead')))
     for label, fn in variants:
         # compiled: batch 1 only (each batch size is another compilation, ~1 min on a GPU)
@@ -338,9 +372,11 @@ def run_inference(name: str, args: argparse.Namespace) -> List[Dict]:
             rows.append(_row(name, args, compiled=label == 'compiled', batch_size=batch,
                              iters=len(times), images_per_s=batch / median,
                              step_ms=median * 1e3, first_s=first, loss=None,
-                             peak_mem_gib=_peak_gib(args.device)))
-            print(f'[train_throughput] {name} {label} batch {batch}: {median * 1e3:.2f} ms '
-                  f'per call (first call {first:.1f} s)', file=sys.stderr, flush=True)
+                             peak_mem_gib=_peak_gib(args.device),
+                             cbsa_path=path if with_cbsa else 'n/a'))
+            print(f'[train_throughput] {name} {label} batch {batch} (CBSA path {path}): '
+                  f'{median * 1e3:.2f} ms per call (first call {first:.1f} s)',
+                  file=sys.stderr, flush=True)
     del model, variants
     if args.device == 'cuda':
         torch.cuda.empty_cache()
@@ -350,7 +386,8 @@ def run_inference(name: str, args: argparse.Namespace) -> List[Dict]:
 def add_ratios(rows: List[Dict]) -> None:
     """``ratio``: images/s over the baseline's with the same kind, batch and compilation
     (``None`` where the baseline has no such row)."""
-    base = {(r['model'], r['batch_size'], r['compiled']): r['images_per_s'] for r in rows}
+    base = {(r['model'], r['batch_size'], r['compiled']): r['images_per_s'] for r in rows
+            if r['model'] == r['baseline']}
     for r in rows:
         b = base.get((r['baseline'], r['batch_size'], r['compiled']))
         r['ratio'] = r['images_per_s'] / b if b else None
@@ -361,14 +398,15 @@ def _fmt(value, spec: str) -> str:
 
 
 def table(rows: List[Dict]) -> str:
-    lines = ['| mode | model | baseline | compiled | dtype | img | batch | images/s | × baseline '
-             '| ms per step / call (median) | first (s) | peak mem (GiB) | last loss |',
-             '|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+    lines = ['| mode | model | baseline | compiled | CBSA path | dtype | img | batch | images/s '
+             '| × baseline | ms per step / call (median) | first (s) | peak mem (GiB) '
+             '| last loss |', '|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['model']} | {r['baseline']} | "
-            f"{'yes' if r['compiled'] else 'no'} | {r['dtype']} | {r['img_size']} | "
-            f"{r['batch_size']} | {r['images_per_s']:.1f} | {_fmt(r['ratio'], '.2f')} | "
+            f"{'yes' if r['compiled'] else 'no'} | {r['cbsa_path']} | {r['dtype']} | "
+            f"{r['img_size']} | {r['batch_size']} | {r['images_per_s']:.1f} | "
+            f"{_fmt(r['ratio'], '.2f')} | "
             f"{r['step_ms']:.2f} | {_fmt(r['first_s'], '.1f')} | "
             f"{_fmt(r['peak_mem_gib'], '.2f')} | {_fmt(r['loss'], '.3f')} |")
     return '\n'.join(lines)
@@ -382,16 +420,21 @@ def main(argv=None) -> List[Dict]:
     rows = []
     roots: Dict[str, str] = {}
     for name in names:
-        t0 = time.perf_counter()
-        if args.mode == 'train':
-            kind = MODELS[name][1]
-            if kind not in roots:
-                roots[kind] = make_data(kind, args)
-            rows += run_model(name, roots[kind], args)
-        else:
-            rows += run_inference(name, args)
-        print(f'[train_throughput] {name}: {rows[-1]["images_per_s"]:.1f} images/s '
-              f'({time.perf_counter() - t0:.0f} s with building)', file=sys.stderr, flush=True)
+        for path in dict.fromkeys(args.cbsa_path):
+            t0 = time.perf_counter()
+            if args.mode == 'train':
+                kind = MODELS[name][1]
+                if kind not in roots:
+                    roots[kind] = make_data(kind, args)
+                new = run_model(name, roots[kind], args, path)
+            else:
+                new = run_inference(name, args, path)
+            rows += new
+            if new:
+                print(f'[train_throughput] {name} (CBSA path {path}): '
+                      f'{new[-1]["images_per_s"]:.1f} images/s '
+                      f'({time.perf_counter() - t0:.0f} s with building)', file=sys.stderr,
+                      flush=True)
     add_ratios(rows)
     out = table(rows)
     print(out)
