@@ -11,6 +11,7 @@ import csv
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import cv2
@@ -348,8 +349,9 @@ def test_checkpoints_that_do_not_fit_are_refused(tool, configs, tmp_path, capsys
     """An empty or foreign checkpoint is one line and exit status 2 (it was accepted: exit
     0 and numbers from random weights labelled 'checkpoint'); --allow-partial loads what
     fits, with a warning naming the rest."""
-    empty = tmp_path / 'bad.pth'
+    empty, corrupt = tmp_path / 'bad.pth', tmp_path / 'corrupt.pth'
     torch.save({'x': 1}, empty)
+    corrupt.write_bytes(b'not a checkpoint')
     foreign = _cbt_head_checkpoint(configs, tmp_path / 'cbt_head.pth')
     run = load_tool(tool).main
     base = [configs['depict'], '--out-dir', str(tmp_path / 'out')] + TOOL_ARGS[tool]
@@ -360,6 +362,12 @@ def test_checkpoints_that_do_not_fit_are_refused(tool, configs, tmp_path, capsys
     assert line == (f'{tool}.py: error: checkpoint {empty} holds no model weights (a dict of '
                     "tensors, or one under \"state_dict\"); it has ['x']")
     with pytest.raises(SystemExit) as err:
+        run(base + ['--checkpoint', str(corrupt)])
+    assert err.value.code == 2
+    line = capsys.readouterr().err.strip()
+    assert '\n' not in line and line.startswith(
+        f'{tool}.py: error: {corrupt} is truncated or corrupt (not a readable torch checkpoint: ')
+    with pytest.raises(SystemExit) as err:
         run(base + ['--checkpoint', str(foreign)])
     assert err.value.code == 2
     line = capsys.readouterr().err.strip()
@@ -369,6 +377,27 @@ def test_checkpoints_that_do_not_fit_are_refused(tool, configs, tmp_path, capsys
     assert line.endswith('(--allow-partial loads only what fits)')
     with pytest.warns(UserWarning, match='--allow-partial: loaded'):
         run(base + ['--checkpoint', str(foreign), '--allow-partial'])
+
+
+def test_load_weights_only_refuses_in_one_line(tmp_path):
+    """The one weights-only loader (tools and converters): a missing, empty or corrupt
+    file, or one that needs a class to unpickle, is a ValueError naming the file."""
+    import argparse
+
+    from mmcbsa.engine.weights import load_weights_only, read_state_dict
+    pickled = tmp_path / 'pickled.pth'
+    torch.save({'args': argparse.Namespace(a=1)}, pickled)
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    (tmp_path / 'corrupt.pth').write_bytes(b'not a checkpoint')
+    for name, message in (('missing.pth', 'missing.pth: no such file'),
+                          ('empty.pth', 'empty.pth is empty (0 bytes): not a checkpoint'),
+                          ('corrupt.pth', 'corrupt.pth is truncated or corrupt'),
+                          ('pickled.pth', 'pickled.pth is not a weights-only checkpoint: it '
+                                          'needs argparse.Namespace to load')):
+        with pytest.raises(ValueError, match=re.escape(message)) as err:
+            read_state_dict(str(tmp_path / name))
+        assert '\n' not in str(err.value)
+    assert load_weights_only(str(pickled), [argparse.Namespace])['args'].a == 1
 
 
 def test_fit_problem_counts_by_hand():

@@ -278,13 +278,16 @@ def test_tool_returns_what_it_printed(quickstart, tmp_path, capsys):
     (['{cfg}', '{ckpt}', '--out', '{out}', '--verify', '--cfg-options',
       'test_dataloader.dataset.data_root=/nonexistent'], '--verify needs a test image'),
     (['{cfg}', '{other}', '--out', '{out}'], 'does not fit the model'),
+    (['{cfg}', '{corrupt}', '--out', '{out}'], 'corrupt.pth is truncated or corrupt'),
 ])
 def test_user_mistakes_are_one_line(quickstart, tmp_path, capsys, args, message):
     ckpt, _ = quickstart
     other = tmp_path / 'other.pth'
     torch.save(dict(state_dict=dict(weight=torch.zeros(2))), other)
+    corrupt = tmp_path / 'corrupt.pth'
+    corrupt.write_bytes(b'not a checkpoint')
     fill = dict(cfg=str(QUICKSTART), ckpt=str(ckpt), out=str(tmp_path / 'x.onnx'),
-                other=str(other))
+                other=str(other), corrupt=str(corrupt))
     with pytest.raises(SystemExit) as exc:
         _tool().main([a.format(**fill) for a in args])
     assert exc.value.code == 2

@@ -182,6 +182,9 @@ def test_resume_from_path(tiny, trained, tmp_path):
 @pytest.mark.parametrize('tool, args, message', [
     ('train.py', ['missing.py'], 'config file not found: missing.py'),
     ('test.py', [MAIN_CONFIG, 'missing.pth'], 'checkpoint not found: missing.pth'),
+    ('train.py', [MAIN_CONFIG, '--resume', 'missing.pth'], 'missing.pth: no such file'),
+    ('train.py', [MAIN_CONFIG, '--resume', REPO / 'README.md'],
+     'README.md is truncated or corrupt (not a readable torch checkpoint'),
     ('train.py', [MAIN_CONFIG, '--cfg-options', 'train_dataloader.dataset.data_root=nowhere'],
      "No such file or directory: 'nowhere/"),
     # a model the config cannot build (here a WhiteBoxViT key that was removed)
@@ -202,12 +205,14 @@ def test_user_mistakes_are_one_line(tool, args, message, tmp_path):
 
 
 def test_test_tool_refuses_checkpoints_that_do_not_fit(tiny, trained, tmp_path):
-    """tools/test.py: an empty checkpoint, or one whose tensors do not match the model's,
-    is one line and exit status 2 (mmengine would load it with strict=False and evaluate
+    """tools/test.py: an empty or corrupt checkpoint, or one whose tensors do not match the
+    model's, is one line and exit status 2 (mmengine would load it with strict=False and evaluate
     partly random weights); --allow-partial evaluates anyway."""
     cfg, _ = tiny
     work, _ = trained
     empty, partial = tmp_path / 'empty.pth', tmp_path / 'partial.pth'
+    corrupt = tmp_path / 'corrupt.pth'
+    corrupt.write_bytes(b'not a checkpoint')
     torch.save({'x': 1}, empty)
     ckpt = torch.load(work / 'iter_4.pth', map_location='cpu', weights_only=True)
     dropped = sorted(k for k in ckpt['state_dict'] if k.startswith('decode_head.'))[0]
@@ -221,6 +226,8 @@ def test_test_tool_refuses_checkpoints_that_do_not_fit(tiny, trained, tmp_path):
                               stderr=subprocess.PIPE, text=True)
 
     for path, message in ((empty, 'holds no model weights'),
+                          (corrupt, f'{corrupt} is truncated or corrupt (not a readable '
+                                    'torch checkpoint: '),
                           (partial, f'tensors against the model\'s {len(ckpt["state_dict"]) + 1}'
                                     f': 1 missing keys ({dropped})')):
         proc = test_tool(path)

@@ -22,9 +22,9 @@ from typing import Optional, Tuple
 from mmengine.config import Config
 
 import mmcbsa  # noqa: F401  (registers modules and checkpoint safe globals)
-from mmcbsa.engine import configure_amp
-from mmcbsa.cli import (add_runner_args, build_runner, export_local_rank,
-                                       load_config, missing_data, user_errors)
+from mmcbsa.engine import configure_amp, load_weights_only
+from mmcbsa.cli import (add_runner_args, build_runner, export_local_rank, load_config,
+                        missing_data, user_errors)
 
 
 def parse_args(argv=None):
@@ -81,6 +81,10 @@ def build_cfg(args) -> Tuple[Config, Optional[str]]:
     elif args.resume is not None:
         cfg.resume = True
         cfg.load_from = args.resume
+    if cfg.get('load_from') and '://' not in str(cfg.load_from):
+        # a local checkpoint that is missing, corrupt or not weights-only: one line now,
+        # not a traceback from mmengine after the runner is built
+        load_weights_only(str(cfg.load_from))
     return cfg, amp_note
 
 

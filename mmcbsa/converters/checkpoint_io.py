@@ -13,13 +13,12 @@ refused with :class:`ConversionError`, as are truncated or corrupt files.
 import argparse
 import os
 import os.path as osp
-import pickle
-import re
-import zipfile
 from typing import Any, Dict, List, Mapping, NamedTuple
 
 import torch
 from torch import Tensor
+
+from mmcbsa.engine.weights import load_weights_only
 
 __all__ = ['ConversionError', 'ReferenceCheckpoint', 'read_reference_checkpoint',
            'save_converted']
@@ -52,51 +51,16 @@ class ReferenceCheckpoint(NamedTuple):
     extras: Dict[str, Any]
 
 
-def _first_line(error: BaseException) -> str:
-    text = ' '.join(str(error).split('\n')[0].split())
-    return text or type(error).__name__
-
-
-def _torch_load(path: str) -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU, every failure turned into a
-    one-line :class:`ConversionError`."""
-    if not osp.exists(path):
-        raise ConversionError(f'{path}: no such file')
-    if not osp.isfile(path):
-        raise ConversionError(f'{path}: not a file')
-    if osp.getsize(path) == 0:
-        raise ConversionError(f'{path} is empty (0 bytes): not a checkpoint')
-    # Zip-format files (torch >= 1.6) are memory-mapped: a large checkpoint is not read
-    # into memory twice while it is converted.
-    mmap = zipfile.is_zipfile(path)
-    try:
-        with torch.serialization.safe_globals(_EXTRA_SAFE_GLOBALS):
-            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        message = str(e)
-        found = re.search(r'GLOBAL ([\w.]+)', message)
-        if found:  # a class or function reference: arbitrary code on a plain unpickle
-            raise ConversionError(
-                f'{path} is not a weights-only checkpoint: it needs {found.group(1)} to load, '
-                'which is refused (unpickling it could run arbitrary code)') from None
-        detail = re.search(r'WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)', message, re.S)
-        detail = ' '.join(detail.group(1).split()) if detail else _first_line(e)
-        raise ConversionError(f'{path} is truncated or corrupt (not a readable torch '
-                              f'checkpoint: {detail})') from None
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError, TypeError,
-            zipfile.BadZipFile) as e:
-        raise ConversionError(
-            f'{path} is truncated or corrupt (not a readable torch checkpoint: '
-            f'{_first_line(e)})') from None
-
-
 def read_reference_checkpoint(path: str) -> ReferenceCheckpoint:
     """Load ``path`` weights-only, descend into ``'model'`` / ``'state_dict'`` while
     they hold dicts (``'model'`` first: DeiT's ``'model_ema'`` is not taken) and strip
     one leading ``module.`` from every key. :class:`ConversionError` for a missing,
     empty, corrupt or not weights-only file, or contents that are not a dict of tensors
     (naming the first offending entry)."""
-    top = _torch_load(path)
+    try:
+        top = load_weights_only(path, _EXTRA_SAFE_GLOBALS)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     if not isinstance(top, Mapping):
         raise ConversionError(f'{path} holds a {type(top).__name__}, not a dict of '
                               'parameters')

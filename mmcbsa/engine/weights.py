@@ -6,19 +6,64 @@ load, which warns in the log and goes on with partly random weights. ``--allow-p
 loads what fits, for the cases a researcher really wants (a decoder on another encoder,
 a checkpoint of an older layout).
 
-Checkpoints are read with ``torch.load(weights_only=True)`` (mmengine's metadata is
-allow-listed by importing mmcbsa, :mod:`mmcbsa.engine.safe_globals`).
+Checkpoints are read by :func:`load_weights_only` (``torch.load(weights_only=True)``;
+mmengine's metadata is allow-listed by importing mmcbsa, :mod:`mmcbsa.engine.safe_globals`),
+the one loader of the tools and the converters: a missing, empty, truncated or corrupt
+file, or one that is not weights-only, is a one-line ``ValueError``.
 """
+import os.path as osp
+import pickle
+import re
 import warnings
-from typing import Dict, List, Optional
+import zipfile
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ['read_state_dict', 'fit_problem', 'load_weights', 'check_weights']
+__all__ = ['load_weights_only', 'read_state_dict', 'fit_problem', 'load_weights',
+           'check_weights']
 
 SHOWN = 3  # names listed per kind of problem
+
+
+def _first_line(error: BaseException) -> str:
+    return ' '.join(str(error).split('\n')[0].split()) or type(error).__name__
+
+
+def load_weights_only(path: str, safe_globals: Sequence[type] = ()) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU (zip files memory-mapped: a large
+    checkpoint is not read twice), with ``safe_globals`` allowed besides mmcbsa's
+    allow-list.
+
+    Raises:
+        ValueError: one line naming ``path``: missing, not a file, empty, truncated or
+            corrupt, or not weights-only (it names the class or function it needs).
+    """
+    if not osp.exists(path):
+        raise ValueError(f'{path}: no such file')
+    if not osp.isfile(path):
+        raise ValueError(f'{path}: not a file')
+    if osp.getsize(path) == 0:
+        raise ValueError(f'{path} is empty (0 bytes): not a checkpoint')
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location='cpu', weights_only=True,
+                              mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        found = re.search(r'GLOBAL ([\w.]+)', str(e))
+        if found:  # a class or function reference: arbitrary code on a plain unpickle
+            raise ValueError(
+                f'{path} is not a weights-only checkpoint: it needs {found.group(1)} to load, '
+                'which is refused (unpickling it could run arbitrary code)') from None
+        detail = re.search(r'WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)', str(e), re.S)
+        detail = ' '.join(detail.group(1).split()) if detail else _first_line(e)
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError, TypeError,
+            zipfile.BadZipFile) as e:
+        detail = _first_line(e)
+    raise ValueError(f'{path} is truncated or corrupt (not a readable torch checkpoint: '
+                     f'{detail})')
 
 
 def read_state_dict(path: str) -> Dict[str, Tensor]:
@@ -26,9 +71,10 @@ def read_state_dict(path: str) -> Dict[str, Tensor]:
     whole file when it is a plain dict of tensors; a DDP ``module.`` prefix is dropped.
 
     Raises:
-        ValueError: naming the file and its top-level keys when it holds no weights.
+        ValueError: the file cannot be read weights-only (:func:`load_weights_only`), or
+            it holds no weights (naming its top-level keys).
     """
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    ckpt = load_weights_only(path)
     sd = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
     if (not isinstance(sd, dict) or not sd
             or not all(isinstance(v, Tensor) for v in sd.values())):
