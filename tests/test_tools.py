@@ -204,6 +204,28 @@ def test_user_mistakes_are_one_line(tool, args, message, tmp_path):
     assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
 
 
+def test_test_tool_compiles_test_step_from_the_config(tiny, trained, tmp_path):
+    """``compile=True`` (mmengine's switch, which the Runner applies to ``train_step``
+    only): tools/test.py compiles ``test_step`` and reports the eager metrics; a value
+    that is neither a bool nor a dict is one line."""
+    cfg, _ = tiny
+    work, _ = trained
+    metrics = []
+    for extra in ([], ['--cfg-options', 'compile=True']):
+        _run([PY, REPO / 'tools/test.py', cfg, work / 'iter_4.pth', '--work-dir',
+              tmp_path / f'w{len(metrics)}', *extra])
+        log = _logs(tmp_path / f'w{len(metrics)}')
+        assert ('test_step compiled' in log) == bool(extra)
+        metrics.append(re.search(r'Iter\(test\) \[2/2\] +(aAcc: .*mAcc: [0-9.]+)', log)[1])
+    assert metrics[0] == metrics[1], metrics
+    proc = subprocess.run([PY, str(REPO / 'tools/test.py'), str(cfg), str(work / 'iter_4.pth'),
+                           '--work-dir', str(tmp_path / 'w'), '--cfg-options', 'compile=3'],
+                          cwd=REPO, env=_env(), timeout=TIMEOUT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    assert 'test.py: error: compile must be True, False or a dict' in proc.stderr
+
+
 def test_test_tool_refuses_checkpoints_that_do_not_fit(tiny, trained, tmp_path):
     """tools/test.py: an empty or corrupt checkpoint, or one whose tensors do not match the
     model's, is one line and exit status 2 (mmengine would load it with strict=False and evaluate

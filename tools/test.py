@@ -11,6 +11,10 @@ The config's ``default_scope`` decides the flavour of the options:
   ``--show-dir DIR`` enables the classification ``VisualizationHook``; ``--tta`` uses the
   config's ``tta_model``/``tta_pipeline`` or flip averaging (``AverageClsScoreTTA``).
 
+``compile`` in the config (mmengine's switch: ``True`` or ``torch.compile`` arguments,
+e.g. ``--cfg-options compile.mode=reduce-overhead`` for CUDA graphs) compiles the model's
+``test_step`` as mmengine's Runner compiles ``train_step`` for training.
+
 Checkpoints are read with ``torch.load(weights_only=True)`` (torch's default); importing
 :mod:`mmcbsa` allow-lists what mmengine stores besides the weights.
 """
@@ -21,8 +25,7 @@ from mmengine.config import Config
 
 import mmcbsa  # noqa: F401  (registers modules and checkpoint safe globals)
 from mmcbsa.cli import (add_allow_partial_arg, add_runner_args, build_runner,
-                                       export_local_rank, load_config, missing_data,
-                                       user_errors)
+                        export_local_rank, load_config, missing_data, user_errors)
 from mmcbsa.engine.weights import check_weights
 
 
@@ -118,6 +121,23 @@ def build_cfg(args) -> Config:
     return cfg
 
 
+def compile_test_step(runner, compile_cfg) -> None:
+    """``runner.model.test_step = torch.compile(test_step, **compile_cfg)`` for the
+    config's ``compile`` (``True``: torch's defaults; a dict: its arguments), the rule of
+    mmengine's Runner for ``train_step``; nothing for ``None`` / ``False``."""
+    if compile_cfg is None or compile_cfg is False:
+        return
+    if compile_cfg is True:
+        compile_cfg = {}
+    if not isinstance(compile_cfg, dict):
+        raise ValueError(f'compile must be True, False or a dict of torch.compile '
+                         f'arguments, got {compile_cfg!r}')
+    import torch
+    runner.model.test_step = torch.compile(runner.model.test_step, **compile_cfg)
+    runner.logger.info(f'test_step compiled with torch.compile({compile_cfg}); the first '
+                       'batches (and every new input shape) are slow')
+
+
 def main(argv=None):
     args = parse_args(argv)
     with user_errors('test.py'):  # a mistake in the arguments / config: one line
@@ -130,6 +150,7 @@ def main(argv=None):
             while hasattr(model, 'module'):  # DDP / test-time-augmentation wrappers
                 model = model.module
             check_weights(model, args.checkpoint, args.allow_partial)
+            compile_test_step(runner, cfg.get('compile'))
         if args.out is not None and cfg.get('default_scope') == 'mmpretrain':
             from mmengine.evaluator import DumpResults
             runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
