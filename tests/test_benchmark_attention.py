@@ -65,9 +65,10 @@ def test_tiny_run_writes_table_csv_and_plot(bench, tmp_path, capsys):
             assert r['time_ratio'] is None  # no baseline at this N
 
 
-def test_tokens_per_batch_dtype_and_floor_math(bench, tmp_path):
+def test_tokens_per_batch_dtype_and_floor_math(bench, tmp_path, capsys):
     """``--tokens-per-batch`` sets each N's batch; ``--dtype bfloat16`` runs under
-    autocast; the floor module computes φ(q)(φ(k)ᵀv)/(φ(q)Σφ(k)) (checked by hand)."""
+    autocast; the floor module computes φ(q)(φ(k)ᵀv)/(φ(q)Σφ(k)) (checked by hand);
+    impossible options are one line and exit status 2."""
     import torch
     args = bench.parse_args(['--tokens-per-batch', '100', '--n-list', '16', '64', '256'])
     assert [bench.batch_of(n, args) for n in args.n_list] == [6, 1, 1]
@@ -95,5 +96,17 @@ def test_tokens_per_batch_dtype_and_floor_math(bench, tmp_path):
     finally:
         torch.set_num_threads(torch_threads)
     assert {r['batch'] for r in rows} == {3} and {r['dtype'] for r in rows} == {'bfloat16'}
-    with pytest.raises(SystemExit, match='--tokens-per-batch must be >= 1'):
-        bench.main(['--tokens-per-batch', '0', '--devices', 'cpu'])
+    capsys.readouterr()
+    for argv, message in ((['--tokens-per-batch', '0'], '--tokens-per-batch must be >= 1'),
+                          (['--n-list', '0'], '--n-list: token counts must be >= 1'),
+                          (['--embed-dims', '10', '--num-heads', '3'],
+                           '--embed-dims 10 is not a multiple of --num-heads 3'),
+                          (['--num-reps', 'abc'], "--num-reps must be a positive m or 'RxC'"),
+                          (['--devices', 'tpu'], "--devices: ['tpu'] unknown"),
+                          (['--mechanisms', 'FOO'], "--mechanisms: not registered in MODELS: "
+                                                    "['FOO']")):
+        with pytest.raises(SystemExit) as exc:
+            bench.main(argv + (['--devices', 'cpu'] if '--devices' not in argv else []))
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.count('\n') == 1, err
+        assert err.startswith(f'benchmark_attention.py: error: {message}'), err

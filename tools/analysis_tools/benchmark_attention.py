@@ -79,6 +79,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 import torch  # noqa: E402
 
+from mmcbsa.cli import cli_main  # noqa: E402
+
 BASELINE = 'MHSA'
 FLOOR = 'LinearFloor'
 CANDIDATES = ('CBSA', 'AdaptedCBSA', 'MSSA', 'TSSA', 'MiTA', 'PrimalAttention')
@@ -134,10 +136,14 @@ def grid_of(n: int) -> Tuple[int, int]:
 
 
 def parse_reps(text: str):
-    if 'x' in text:
-        rows, cols = text.lower().split('x')
-        return int(rows), int(cols)
-    return int(text)
+    """``'64'`` -> 64, ``'8x8'`` -> ``(8, 8)`` (``ValueError`` naming ``--num-reps``)."""
+    try:
+        values = [int(v) for v in text.lower().split('x')]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise ValueError(f"--num-reps must be a positive m or 'RxC', got {text!r}")
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 def available_mechanisms(requested: Optional[List[str]], floor: bool = True) -> List[str]:
@@ -147,7 +153,8 @@ def available_mechanisms(requested: Optional[List[str]], floor: bool = True) -> 
     if requested:
         missing = [n for n in requested if n not in names + [FLOOR]]
         if missing:
-            raise SystemExit(f'not registered in MODELS: {missing}; available: {names}')
+            raise ValueError(f'--mechanisms: not registered in MODELS: {missing}; '
+                             f'available: {names}')
         names = [BASELINE] + [n for n in names[1:] if n in requested]
     return names + [FLOOR] * floor
 
@@ -369,13 +376,33 @@ def plot(rows: List[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Impossible requests end here, naming the option (``ValueError``)."""
+    for name in ('batch', 'threads', 'repeat', 'embed_dims', 'num_heads'):
+        if getattr(args, name) < 1:
+            raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got '
+                             f'{getattr(args, name)}')
+    for name in ('warmup', 'max_quadratic_n'):
+        if getattr(args, name) < 0:
+            raise ValueError(f'--{name.replace("_", "-")} must be >= 0, got '
+                             f'{getattr(args, name)}')
+    if args.tokens_per_batch is not None and args.tokens_per_batch < 1:
+        raise ValueError('--tokens-per-batch must be >= 1')
+    if min(args.n_list) < 1:
+        raise ValueError(f'--n-list: token counts must be >= 1, got {args.n_list}')
+    if args.embed_dims % args.num_heads:
+        raise ValueError(f'--embed-dims {args.embed_dims} is not a multiple of --num-heads '
+                         f'{args.num_heads}')
+    parse_reps(args.num_reps)
+    unknown = sorted(set(args.devices or []) - {'cpu', 'cuda'})
+    if unknown:
+        raise ValueError(f"--devices: {unknown} unknown; use 'cpu' and/or 'cuda'")
+
+
+@cli_main
 def main(argv=None) -> List[dict]:
     args = parse_args(argv)
-    for name in ('batch', 'threads', 'repeat'):
-        if getattr(args, name) < 1:
-            raise SystemExit(f'benchmark_attention.py: error: --{name} must be >= 1')
-    if args.tokens_per_batch is not None and args.tokens_per_batch < 1:
-        raise SystemExit('benchmark_attention.py: error: --tokens-per-batch must be >= 1')
+    check_args(args)
     torch.set_num_threads(args.threads)
     names = available_mechanisms(args.mechanisms, floor=not args.no_floor)
     devices = args.devices or (['cpu'] + (['cuda'] if torch.cuda.is_available() else []))
@@ -387,8 +414,7 @@ def main(argv=None) -> List[dict]:
             continue
         rows += bench_device(torch.device(dev), names, args)
     if not rows:
-        raise SystemExit(f'benchmark_attention.py: nothing to measure: none of the devices '
-                         f'{devices} is available')
+        raise ValueError(f'nothing to measure: none of the devices {devices} is available')
     os.makedirs(args.out_dir, exist_ok=True)
     batch = (f'{args.tokens_per_batch} tokens per batch' if args.tokens_per_batch
              else f'B={args.batch}')
