@@ -98,11 +98,19 @@ def build_runner(cfg: Config) -> Runner:
     DDP without device ids (:func:`setup_cpu_distributed`; a no-op with CUDA), and the
     runner is :class:`~mmcbsa.engine.dist.CPUDistributedRunner` (mmengine's ``Runner``
     whose start-up log reports the world size as CPU processes, not ``GPU number``).
+
+    Raises:
+        ValueError: the config cannot be built (an unknown keyword, a failed argument
+            check of a library class: ``TypeError`` / ``AssertionError`` while building).
     """
     cpu_dist = setup_cpu_distributed(cfg)
-    if 'runner_type' not in cfg:
-        return (CPUDistributedRunner if cpu_dist else Runner).from_cfg(cfg)
-    return RUNNERS.build(cfg)
+    try:
+        if 'runner_type' not in cfg:
+            return (CPUDistributedRunner if cpu_dist else Runner).from_cfg(cfg)
+        return RUNNERS.build(cfg)
+    except (TypeError, AssertionError) as exc:
+        raise ValueError(f'the config cannot be built: {type(exc).__name__}: '
+                         f'{exc or "an argument check failed"}') from exc
 
 
 @contextlib.contextmanager

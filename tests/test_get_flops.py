@@ -257,6 +257,8 @@ def test_get_flops_cli_mmseg_config(capsys):
     (['configs/nope/missing.py'], 'config file not found'),
     ([str(CLS_CFG), '--shape', '0', '64'], 'must be positive'),
     ([str(CLS_CFG), '--shape', '1', '2', '3'], '--shape takes H W'),
+    ([str(CLS_CFG), '--cfg-options', 'model.backbone.foo=1'],
+     "the config's model cannot be built: TypeError: "),
 ])
 def test_get_flops_cli_user_errors_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -183,6 +183,13 @@ def test_resume_from_path(tiny, trained, tmp_path):
     ('train.py', ['missing.py'], 'config file not found: missing.py'),
     ('test.py', [MAIN_CONFIG, 'missing.pth'], 'checkpoint not found: missing.pth'),
     ('train.py', [MAIN_CONFIG, '--resume', 'missing.pth'], 'missing.pth: no such file'),
+    # a key the model does not take, an argument check of mmcv / mmseg
+    ('train.py', [MAIN_CONFIG, '--cfg-options', 'model.backbone.foo=1'],
+     "the config cannot be built: TypeError: VisionTransformer.__init__() got an unexpected "
+     "keyword argument 'foo'"),
+    ('test.py', [MAIN_CONFIG, REPO / 'README.md', '--cfg-options',
+                 'model.backbone.embed_dims=50'],
+     'the config cannot be built: AssertionError: embed_dim must be divisible by num_heads'),
     ('train.py', [MAIN_CONFIG, '--resume', REPO / 'README.md'],
      'README.md is truncated or corrupt (not a readable torch checkpoint'),
     ('train.py', [MAIN_CONFIG, '--cfg-options', 'train_dataloader.dataset.data_root=nowhere'],

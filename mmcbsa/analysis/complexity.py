@@ -225,7 +225,9 @@ def build_model_from_config(cfg) -> nn.Module:
     """Build ``cfg.model`` in the registry of the config's ``default_scope`` (mmseg or
     mmpretrain), in eval mode, with mmseg's ``SyncBN`` reverted to ``BatchNorm`` (CPU).
 
-    ``init_weights`` is not called: no pretrained checkpoint is downloaded.
+    ``init_weights`` is not called: no pretrained checkpoint is downloaded. A model the
+    config cannot build (an unknown keyword, a failed argument check of a library class)
+    is a ``ValueError``.
     """
     from mmengine.model import revert_sync_batchnorm
     from mmengine.registry import DefaultScope
@@ -241,7 +243,11 @@ def build_model_from_config(cfg) -> nn.Module:
     if scope == 'mmpretrain' and 'data_preprocessor' not in model_cfg:
         model_cfg['data_preprocessor'] = cfg.get('data_preprocessor', None)
     with DefaultScope.overwrite_default_scope(scope):
-        model = MODELS.build(model_cfg)
+        try:
+            model = MODELS.build(model_cfg)
+        except (TypeError, AssertionError) as exc:
+            raise ValueError(f"the config's model cannot be built: {type(exc).__name__}: "
+                             f'{exc or "an argument check failed"}') from exc
     return revert_sync_batchnorm(model).eval()
 
 
