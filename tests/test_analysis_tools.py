@@ -429,6 +429,18 @@ def test_out_dir_that_is_a_file_is_one_line(tool, configs, tmp_path, capsys):
                                               'cannot be created: ')
 
 
+def test_image_that_is_not_an_image_is_one_line(configs, tmp_path, capsys):
+    text = tmp_path / 'notes.png'
+    text.write_text('not an image')
+    with pytest.raises(SystemExit) as err:
+        load_tool('visualize_attention').main([configs['depict'], '--out-dir',
+                                               str(tmp_path / 'out'), '--image', str(text)])
+    assert err.value.code == 2
+    line = capsys.readouterr().err.strip()
+    assert line == (f'visualize_attention.py: error: image {text} cannot be read (failed to '
+                    f'load image: {text})'), line
+
+
 # --------------------------------------------------------------------- the compression curve
 def test_train_tool_coding_rate_hook_switch(configs, tmp_path):
     """``tools/train.py --coding-rate-hook 1``: the hook from the command line (the

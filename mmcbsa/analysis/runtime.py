@@ -158,8 +158,8 @@ def single_image_batch(cfg: Config, image: Optional[str] = None, index: Optional
     """One image as a dataloader batch (``{'inputs': [...], 'data_samples': [...]}``).
 
     ``image``: a file, run through the config's ``{split}`` pipeline without its
-    annotation loading; else the dataset item ``index`` (default 0, ground truth
-    included). ``size=(H, W)`` replaces the pipeline's geometric steps by an exact
+    annotation loading (``ValueError`` when it is not an image); else the dataset item
+    ``index`` (default 0, ground truth included). ``size=(H, W)`` replaces the pipeline's geometric steps by an exact
     resize to ``H × W``.
 
     Args:
@@ -183,7 +183,10 @@ def single_image_batch(cfg: Config, image: Optional[str] = None, index: Optional
             raise FileNotFoundError(f'image not found: {image}')
         steps = (_resized_pipeline(pipeline, size, keep_annotations=False) if size else
                  [t for t in pipeline if not str(t['type']).startswith('LoadAnnotations')])
-        item = Compose(steps)(dict(img_path=image))
+        try:  # mmcv's LoadImageFromFile asserts on a file it cannot decode
+            item = Compose(steps)(dict(img_path=image))
+        except AssertionError as exc:
+            raise ValueError(f'image {image} cannot be read ({exc})') from None
     else:
         dataset_cfg = copy.deepcopy(dl_cfg['dataset'])
         if size:
