@@ -159,8 +159,8 @@ def single_image_batch(cfg: Config, image: Optional[str] = None, index: Optional
 
     ``image``: a file, run through the config's ``{split}`` pipeline without its
     annotation loading (``ValueError`` when it is not an image); else the dataset item
-    ``index`` (default 0, ground truth included). ``size=(H, W)`` replaces the pipeline's geometric steps by an exact
-    resize to ``H × W``.
+    ``index`` (default 0, ground truth included). ``size=(H, W)`` replaces the
+    pipeline's geometric steps by an exact resize to ``H × W``.
 
     Args:
         cfg: the config.
