@@ -481,6 +481,14 @@ def test_coding_rate_checks_training_log_before_measuring(configs, tmp_path, cap
     assert '[coding_rate]' not in out  # nothing was measured first
     assert errors.strip() == (f'coding_rate.py: error: --training-log: {tmp_path}/nothing '
                               'not found')
+    text = tmp_path / 'scalars.json'
+    text.write_text('{"step": 0}\nnot json\n')
+    with pytest.raises(SystemExit):
+        load_tool('coding_rate').main([configs['depict'], '--out-dir', str(tmp_path),
+                                       '--training-log', str(text)])
+    assert capsys.readouterr().err.strip() == (
+        f'coding_rate.py: error: --training-log: {text} is not an mmengine scalars.json '
+        '(line 2 is not JSON)')
 
 
 def test_learned_change_is_the_per_image_difference(configs, tmp_path):

@@ -70,9 +70,13 @@ def read_training_log(path: str) -> Dict[str, List[tuple]]:
     elif not osp.isfile(path):
         raise FileNotFoundError(f'--training-log: {path} not found')
     series: Dict[str, List[tuple]] = {}
-    with open(path) as f:
-        for line in f:
-            record = json.loads(line)
+    with open(path, errors='replace') as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise ValueError(f'--training-log: {path} is not an mmengine scalars.json '
+                                 f'(line {number} is not JSON)') from None
             for key, value in record.items():
                 if key.startswith(('coding_rate/', 'sparsity/')):
                     series.setdefault(key, []).append((int(record['step']), float(value)))
