@@ -34,7 +34,7 @@ from mmcbsa.analysis import LayerCompression, measure_compression
 from mmcbsa.analysis.plots import new_figure, set_title
 from mmcbsa.analysis.runtime import build_dataloader, build_model, iter_batches
 from mmcbsa.cli import (add_analysis_args, cli_main, load_analysis_config,
-                                       write_csv)
+                        write_csv)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -38,7 +38,7 @@ from mmcbsa.analysis.perturb import (ORTHOGONAL_MODES, SCOPES, orthogonal_transf
 from mmcbsa.analysis.plots import new_figure, set_title
 from mmcbsa.analysis.runtime import config_seed, resolve_device, unwrap
 from mmcbsa.cli import (add_analysis_args, build_runner, cli_main,
-                                       load_analysis_config, write_csv)
+                        load_analysis_config, write_csv)
 from mmcbsa.engine.weights import load_weights
 
 DEFAULT_SIGMAS = [float(f'{s:.4g}') for s in np.logspace(-3, 0, 7)]  # 1e-3 ... 1

@@ -41,7 +41,7 @@ from mmcbsa.analysis.plots import (heat_overlay, label_overlay, save_tile_grid, 
                                    upsample_grid)
 from mmcbsa.analysis.runtime import build_model, forward_tensor, single_image_batch
 from mmcbsa.cli import (add_analysis_args, add_map_args, cli_main,
-                                       load_analysis_config, write_csv)
+                        load_analysis_config, write_csv)
 
 ROW_MAPS = ('cls', 'mean')  # token-to-token query rows
 TITLES = {'cls': 'CLS row', 'mean': 'mean row', 'groups': 'group π', 'clusters': 'clusters',
@@ -216,8 +216,8 @@ def main(argv=None) -> Dict[str, object]:
                          heat_overlay(image, up.astype(np.float64)))
         overview.append(tiles)
         overview_rows.append(f'{labels[i]}\n{TITLES.get(kind, kind)}')
-    cols = ['image'] + [f'head {h}' for h in (range(max_heads) if args.heads is None
-                                             else args.heads)]
+    heads = range(max_heads) if args.heads is None else args.heads
+    cols = ['image'] + [f'head {h}' for h in heads]
     save_tile_grid(overview, osp.join(args.out_dir, 'attention_overview.png'), overview_rows,
                    cols, title=f'attention maps, one row per layer: {osp.basename(args.config)}'
                    f', {weights}', tile_px=args.tile_size, colour_scale=True,

@@ -50,7 +50,7 @@ from mmcbsa.analysis.zero_shot import (binary_ground_truth, cls_foreground, grid
                                        grid_to_image, label_clusters_by_majority,
                                        score_binary_masks)
 from mmcbsa.cli import (add_analysis_args, add_map_args, cli_main,
-                                       load_analysis_config, write_csv)
+                        load_analysis_config, write_csv)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
