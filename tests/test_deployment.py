@@ -274,7 +274,7 @@ def test_tool_returns_what_it_printed(quickstart, tmp_path, capsys):
     (['{cfg}', '{ckpt}', '--out', '{out}', '--batch', '0'], '--batch must be a positive'),
     (['{cfg}', '{ckpt}', '--out', '{out}', '--opset', '7'], '--opset must be between 18'),
     (['{cfg}', '{ckpt}', '--out', '{out}', '--verify', '--verify-image', str(REPO / 'README.md')],
-     '--verify: failed to load image'),
+     f"--verify: image {REPO / 'README.md'} cannot be read (failed to load image"),
     (['{cfg}', '{ckpt}', '--out', '{out}', '--verify', '--cfg-options',
       'test_dataloader.dataset.data_root=/nonexistent'], '--verify needs a test image'),
     (['{cfg}', '{other}', '--out', '{out}'], 'does not fit the model'),

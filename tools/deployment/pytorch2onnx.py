@@ -74,7 +74,7 @@ def _verify_batches(cfg, model, shape, dynamic: bool, batch: int, image, divisor
                                     '--verify-image IMG, or set the dataset with '
                                     '--cfg-options test_dataloader.dataset.data_root=PATH)'
                                     ) from None
-        except AssertionError as exc:  # mmcv's LoadImageFromFile: not an image it can read
+        except ValueError as exc:  # e.g. a file that is not an image
             raise ValueError(f'--verify: {exc}') from None
         with torch.no_grad():
             x = model.data_preprocessor(data, False)['inputs'].float()
