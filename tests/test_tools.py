@@ -183,6 +183,9 @@ def test_resume_from_path(tiny, trained, tmp_path):
     ('train.py', ['missing.py'], 'config file not found: missing.py'),
     ('test.py', [MAIN_CONFIG, 'missing.pth'], 'checkpoint not found: missing.pth'),
     ('train.py', [MAIN_CONFIG, '--resume', 'missing.pth'], 'missing.pth: no such file'),
+    ('train.py', [MAIN_CONFIG, '--launcher', 'slurm'],
+     "launcher=\"slurm\" needs the environment variables ['SLURM_PROCID', 'SLURM_NTASKS', "
+     "'SLURM_NODELIST'], which are not set (start the processes with srun"),
     # a key the model does not take, an argument check of mmcv / mmseg
     ('train.py', [MAIN_CONFIG, '--cfg-options', 'model.backbone.foo=1'],
      "the config cannot be built: TypeError: VisionTransformer.__init__() got an unexpected "

@@ -102,15 +102,29 @@ class CPUDistributedRunner(Runner):
             self.logger.removeFilter(rename)
 
 
+# what each launcher's process starter sets (MASTER_ADDR for mpi: the user)
+_LAUNCHER_ENV = {
+    'pytorch': ('torchrun', ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')),
+    'slurm': ('srun', ('SLURM_PROCID', 'SLURM_NTASKS')),
+    'mpi': ('mpirun', ('OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_SIZE',
+                       'OMPI_COMM_WORLD_LOCAL_RANK', 'MASTER_ADDR')),
+}
+
+
 def _launcher_env(launcher: str, port: Optional[int] = None) -> None:
-    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT like mmengine does."""
-    if launcher == 'pytorch':
-        missing = [k for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR',
-                               'MASTER_PORT') if k not in os.environ]
-        if missing:
-            raise KeyError(f'launcher="pytorch" expects torchrun environment variables; '
-                           f'missing {missing}')
-    elif launcher == 'slurm':
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT like mmengine does; a
+    ``KeyError`` naming the launcher and the variables its process starter did not set."""
+    if launcher not in _LAUNCHER_ENV:
+        raise ValueError(f'launcher must be one of pytorch, slurm, mpi; got {launcher!r}')
+    starter, needed = _LAUNCHER_ENV[launcher]
+    if launcher == 'slurm' and 'MASTER_ADDR' not in os.environ:
+        needed += ('SLURM_NODELIST', )
+    missing = [k for k in needed if k not in os.environ]
+    if missing:
+        raise KeyError(f'launcher="{launcher}" needs the environment variables {missing}, '
+                       f'which are not set (start the processes with {starter}, or use '
+                       '--launcher none)')
+    if launcher == 'slurm':
         proc_id = int(os.environ['SLURM_PROCID'])
         os.environ['RANK'] = str(proc_id)
         os.environ['WORLD_SIZE'] = os.environ['SLURM_NTASKS']
@@ -127,10 +141,6 @@ def _launcher_env(launcher: str, port: Optional[int] = None) -> None:
         os.environ['WORLD_SIZE'] = os.environ['OMPI_COMM_WORLD_SIZE']
         os.environ['LOCAL_RANK'] = os.environ['OMPI_COMM_WORLD_LOCAL_RANK']
         os.environ.setdefault('MASTER_PORT', '29500')
-        if 'MASTER_ADDR' not in os.environ:
-            raise KeyError('launcher="mpi": the environment variable MASTER_ADDR is not set')
-    else:
-        raise ValueError(f'launcher must be one of pytorch, slurm, mpi; got {launcher!r}')
 
 
 def init_cpu_dist(launcher: str, timeout: Optional[float] = None,
