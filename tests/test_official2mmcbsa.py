@@ -12,6 +12,7 @@ import argparse
 import importlib.util
 import io
 import math
+import os
 import pathlib
 import pickle
 import re
@@ -616,6 +617,12 @@ def test_refusals_name_the_problem(tmp_path, capsys):
             r'but the decoder reads 96-wide tokens')
     rc, _, err = _run(capsys, cbsa, tmp_path / 'out.py')
     assert rc == 2 and 'must not be a .py file' in err
+    for folder in (str(tmp_path), f'{tmp_path}/new/'):  # an existing folder, a trailing /
+        rc, out, err = _run(capsys, cbsa, folder)
+        assert rc == 2 and out == '' and err.strip() == (
+            f'official2mmcbsa: error: {folder} is a directory: give the checkpoint to write '
+            f'as a file name, e.g. {os.path.join(folder, "model.pth")}'), err
+    assert not Path(f'{tmp_path}.py').exists()
     with pytest.raises(SystemExit) as exit_info:
         _cli().main([str(cbsa)])
     assert exit_info.value.code == 2

@@ -94,6 +94,9 @@ def configs_root() -> str:
 
 def config_path_for(dst: str) -> str:
     """``DST`` with ``.py`` for its extension (``out/cbt.pth`` -> ``out/cbt.py``)."""
+    if dst.endswith(('/', os.sep)) or osp.isdir(dst):
+        raise ConversionError(f'{dst} is a directory: give the checkpoint to write as a file '
+                              f'name, e.g. {osp.join(dst, "model.pth")}')
     stem, ext = osp.splitext(dst)
     if ext == '.py':
         raise ConversionError(f'{dst}: the checkpoint to write must not be a .py file (the '
