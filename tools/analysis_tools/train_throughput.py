@@ -293,15 +293,13 @@ def _peak_gib(device: str) -> Optional[float]:
 
 def run_model(name: str, data_root: str, args: argparse.Namespace,
               path: str = 'auto') -> List[Dict]:
-    """Training throughput of one model through mmengine's Runner (one row; none for a
-    model without CBSA at a ``path`` after the first of ``--cbsa-path``)."""
+    """Training throughput of one model through mmengine's Runner (one row), its CBSA
+    modules on ``path``."""
     import torch
     from mmengine.runner import Runner
     cfg = build_cfg(name, data_root, args)
     runner = Runner.from_cfg(cfg)
     with_cbsa = set_cbsa_path(runner.model, path)
-    if not with_cbsa and path != args.cbsa_path[0]:
-        return []
     timer = _step_timer(args.warmup, args.device)
     runner.register_hook(timer, priority='LOWEST')
     runner.train()
@@ -346,8 +344,6 @@ def run_inference(name: str, args: argparse.Namespace, path: str = 'auto') -> Li
     model = (SEG_MODELS if seg else CLS_MODELS).build(cfg.model).to(args.device).eval()
     with_cbsa = set_cbsa_path(model, path)
     first_path = path == args.cbsa_path[0]
-    if not with_cbsa and not first_path:
-        return []
     dtype = getattr(torch, args.dtype)
     rows = []
     variants = [('eager', model)]
@@ -419,8 +415,11 @@ def main(argv=None) -> List[Dict]:
     names = list(dict.fromkeys(n for m in args.models for n in (MODELS[m][2], m)))
     rows = []
     roots: Dict[str, str] = {}
+    without_cbsa = set()  # models timed once: their rows say CBSA path 'n/a'
     for name in names:
         for path in dict.fromkeys(args.cbsa_path):
+            if name in without_cbsa:
+                continue
             t0 = time.perf_counter()
             if args.mode == 'train':
                 kind = MODELS[name][1]
@@ -430,11 +429,12 @@ def main(argv=None) -> List[Dict]:
             else:
                 new = run_inference(name, args, path)
             rows += new
-            if new:
-                print(f'[train_throughput] {name} (CBSA path {path}): '
-                      f'{new[-1]["images_per_s"]:.1f} images/s '
-                      f'({time.perf_counter() - t0:.0f} s with building)', file=sys.stderr,
-                      flush=True)
+            if new[-1]['cbsa_path'] == 'n/a':
+                without_cbsa.add(name)
+            print(f'[train_throughput] {name} (CBSA path {path}): '
+                  f'{new[-1]["images_per_s"]:.1f} images/s '
+                  f'({time.perf_counter() - t0:.0f} s with building)', file=sys.stderr,
+                  flush=True)
     add_ratios(rows)
     out = table(rows)
     print(out)
