@@ -103,11 +103,11 @@ class CPUDistributedRunner(Runner):
             self.logger.removeFilter(rename)
 
 
-# what each launcher's process starter sets (MASTER_ADDR for mpi: the user)
+# what each launcher's process starter sets (for mpi the user sets MASTER_ADDR)
 _LAUNCHER_ENV = {
     'pytorch': ('torchrun', ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')),
     'slurm': ('srun', ('SLURM_PROCID', 'SLURM_NTASKS')),
-    'mpi': ('mpirun', ('OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_SIZE',
+    'mpi': ('mpirun and export MASTER_ADDR', ('OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_SIZE',
                        'OMPI_COMM_WORLD_LOCAL_RANK', 'MASTER_ADDR')),
 }
 
