@@ -107,8 +107,9 @@ class CPUDistributedRunner(Runner):
 _LAUNCHER_ENV = {
     'pytorch': ('torchrun', ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')),
     'slurm': ('srun', ('SLURM_PROCID', 'SLURM_NTASKS')),
-    'mpi': ('mpirun and export MASTER_ADDR', ('OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_SIZE',
-                       'OMPI_COMM_WORLD_LOCAL_RANK', 'MASTER_ADDR')),
+    'mpi': ('mpirun and export MASTER_ADDR',
+            ('OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_SIZE', 'OMPI_COMM_WORLD_LOCAL_RANK',
+             'MASTER_ADDR')),
 }
 
 
