@@ -360,7 +360,7 @@ def test_checkpoints_that_do_not_fit_are_refused(tool, configs, tmp_path, capsys
     assert err.value.code == 2
     line = capsys.readouterr().err.strip()
     assert line == (f'{tool}.py: error: checkpoint {empty} holds no model weights (a dict of '
-                    "tensors, or one under \"state_dict\"); it has ['x']")
+                    "tensors, or one under \"model\" or \"state_dict\"); it has ['x']")
     with pytest.raises(SystemExit) as err:
         run(base + ['--checkpoint', str(corrupt)])
     assert err.value.code == 2
@@ -398,6 +398,27 @@ def test_load_weights_only_refuses_in_one_line(tmp_path):
             read_state_dict(str(tmp_path / name))
         assert '\n' not in str(err.value)
     assert load_weights_only(str(pickled), [argparse.Namespace])['args'].a == 1
+
+
+def test_read_state_dict_finds_the_weights_of_every_layout(tmp_path):
+    """Tools and converters read weights through one rule: mmengine's ``state_dict``, a
+    training script's ``model``, or a bare dict; one leading ``module.`` dropped."""
+    from mmcbsa.engine.weights import read_checkpoint, read_state_dict
+    w = torch.arange(3.)
+    path = tmp_path / 'ckpt.pth'
+    for layout in ({'state_dict': {'module.a.w': w}, 'meta': {'epoch': 1}},
+                   {'model': {'a.w': w}, 'epoch': 3}, {'module.a.w': w}):
+        torch.save(layout, path)
+        sd = read_state_dict(str(path))
+        assert list(sd) == ['a.w'] and torch.equal(sd['a.w'], w)
+    assert read_checkpoint(str(path)).stripped_prefix == 1
+    torch.save({'model': {'a.w': w, 'step': 3}}, path)
+    with pytest.raises(ValueError, match=re.escape(
+            f"{path}: entry ['model']['step'] is a int, not a tensor")):
+        read_state_dict(str(path))
+    torch.save({}, path)
+    with pytest.raises(ValueError, match=re.escape(f'checkpoint {path} holds no model weights')):
+        read_state_dict(str(path))
 
 
 def test_fit_problem_counts_by_hand():

@@ -6,24 +6,26 @@ load, which warns in the log and goes on with partly random weights. ``--allow-p
 loads what fits, for the cases a researcher really wants (a decoder on another encoder,
 a checkpoint of an older layout).
 
-Checkpoints are read by :func:`load_weights_only` (``torch.load(weights_only=True)``;
-mmengine's metadata is allow-listed by importing mmcbsa, :mod:`mmcbsa.engine.safe_globals`),
-the one loader of the tools and the converters: a missing, empty, truncated or corrupt
-file, or one that is not weights-only, is a one-line ``ValueError``.
+Checkpoints are read by :func:`read_checkpoint` on :func:`load_weights_only`
+(``torch.load(weights_only=True)``; mmengine's metadata is allow-listed by importing
+mmcbsa, :mod:`mmcbsa.engine.safe_globals`), the one reader of the tools and the
+converters: it finds the weights in mmengine's and the reference training scripts'
+layouts, and a missing, empty, truncated or corrupt file, one that is not weights-only
+or one without weights is a one-line ``ValueError``.
 """
 import os.path as osp
 import pickle
 import re
 import warnings
 import zipfile
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ['load_weights_only', 'read_state_dict', 'fit_problem', 'load_weights',
-           'check_weights']
+__all__ = ['load_weights_only', 'Checkpoint', 'read_checkpoint', 'read_state_dict',
+           'fit_problem', 'load_weights', 'check_weights']
 
 SHOWN = 3  # names listed per kind of problem
 
@@ -66,22 +68,64 @@ def load_weights_only(path: str, safe_globals: Sequence[type] = ()) -> Any:
                      f'{detail})')
 
 
-def read_state_dict(path: str) -> Dict[str, Tensor]:
-    """The model weights of a checkpoint: its ``state_dict`` entry (mmengine), or the
-    whole file when it is a plain dict of tensors; a DDP ``module.`` prefix is dropped.
+class Checkpoint(NamedTuple):
+    """What :func:`read_checkpoint` found in a file.
+
+    Attributes:
+        state_dict: the parameters, one leading ``module.`` stripped, on CPU.
+        wrappers: the entries descended into to reach them, e.g. ``['model']``.
+        stripped_prefix: number of keys that lost a leading ``module.``.
+        extras: the other top-level entries (``meta``, ``optimizer``, ``args`` ...).
+    """
+    state_dict: Dict[str, Tensor]
+    wrappers: List[str]
+    stripped_prefix: int
+    extras: Dict[str, Any]
+
+
+def read_checkpoint(path: str, safe_globals: Sequence[type] = ()) -> Checkpoint:
+    """The weights in the checkpoint ``path``, wherever a training script put them: read
+    weights-only (:func:`load_weights_only`), descend into ``'model'`` / ``'state_dict'``
+    while they hold dicts (``'model'`` first: DeiT's ``'model_ema'`` is not taken;
+    mmengine's ``'state_dict'``) and strip one leading ``module.`` (DDP) from every key.
 
     Raises:
-        ValueError: the file cannot be read weights-only (:func:`load_weights_only`), or
-            it holds no weights (naming its top-level keys).
+        ValueError: one line: the file cannot be read, or holds no dict of tensors there
+            (naming what it holds, or the first entry that is not a tensor).
     """
-    ckpt = load_weights_only(path)
-    sd = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
-    if (not isinstance(sd, dict) or not sd
-            or not all(isinstance(v, Tensor) for v in sd.values())):
-        keys = sorted(map(str, ckpt))[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
+    top = load_weights_only(path, safe_globals)
+    if not isinstance(top, Mapping):
+        raise ValueError(f'{path} holds a {type(top).__name__}, not a dict of parameters')
+    wrappers: List[str] = []
+    sd = top
+    while (inner := next((k for k in ('model', 'state_dict')
+                          if isinstance(sd.get(k), Mapping)), None)) is not None:
+        wrappers.append(inner)
+        sd = sd[inner]
+    if not any(isinstance(v, Tensor) for v in sd.values()):
         raise ValueError(f'checkpoint {path} holds no model weights (a dict of tensors, or '
-                         f'one under "state_dict"); it has {keys}')
-    return {(k[7:] if k.startswith('module.') else k): v for k, v in sd.items()}
+                         f'one under "model" or "state_dict"); it has {sorted(map(str, sd))[:6]}')
+    out: Dict[str, Tensor] = {}
+    for key, value in sd.items():
+        if not isinstance(value, Tensor):
+            where = ''.join(f'[{w!r}]' for w in wrappers)
+            raise ValueError(f'{path}: entry {where}[{key!r}] is a {type(value).__name__}, '
+                             'not a tensor')
+        if not isinstance(key, str):
+            raise ValueError(f'{path}: parameter name {key!r} is not a string')
+        name = key[7:] if key.startswith('module.') else key
+        if name in out:
+            raise ValueError(f"{path}: parameter {name!r} appears twice (with and without "
+                             "'module.')")
+        out[name] = value
+    stripped = sum(k.startswith('module.') for k in sd)
+    extras = {k: v for k, v in top.items() if k != wrappers[0]} if wrappers else {}
+    return Checkpoint(out, wrappers, stripped, extras)
+
+
+def read_state_dict(path: str) -> Dict[str, Tensor]:
+    """The model weights of a checkpoint (:func:`read_checkpoint`)."""
+    return read_checkpoint(path).state_dict
 
 
 def _names(keys: List[str]) -> str:
