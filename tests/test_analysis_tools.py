@@ -421,6 +421,34 @@ def test_read_state_dict_finds_the_weights_of_every_layout(tmp_path):
         read_state_dict(str(path))
 
 
+def test_class_count_problem_by_hand():
+    """The test set's class count (metainfo, else the dataset class's METAINFO) against
+    the head's num_classes, wrappers unwrapped; silent when either is unknown."""
+    from mmengine.config import Config
+
+    from mmcbsa.engine.weights import class_count_problem
+
+    class Head(torch.nn.Module):
+        num_classes = 3
+
+    model = torch.nn.Module()
+    model.decode_head = Head()
+    wrapped = torch.nn.Module()
+    wrapped.module = model
+
+    def cfg(**dataset):
+        return Config(dict(default_scope='mmseg', test_dataloader=dict(dataset=dataset)))
+
+    assert class_count_problem(cfg(metainfo=dict(classes=('a', 'b', 'c'))), wrapped) is None
+    assert class_count_problem(cfg(metainfo=dict(classes=('a', 'b'))), wrapped) == (
+        "the config's test dataset (None) has 2 classes, the model predicts 3: set the "
+        "dataset (test_dataloader.dataset) or the head's num_classes before testing")
+    assert 'CityscapesDataset) has 19 classes' in class_count_problem(
+        cfg(type='CityscapesDataset'), model)
+    assert class_count_problem(cfg(type='CityscapesDataset'), torch.nn.Linear(1, 1)) is None
+    assert class_count_problem(Config(dict(default_scope='mmseg')), model) is None
+
+
 def test_fit_problem_counts_by_hand():
     from mmcbsa.engine.weights import fit_problem
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))

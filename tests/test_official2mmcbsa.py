@@ -161,8 +161,8 @@ def test_every_fixture_file_is_converted_or_refused(path, tmp_path, capsys):
     if expect['scope'] == 'mmpretrain':
         assert 'model keys not filled: none' in out
         n_cls = fx['output'].shape[-1]  # the release's ImageNet test set has 1000 classes
-        assert (n_cls == 1000) != (f"test dataset (ImageNet) has 1000 classes, the checkpoint "
-                                   f"predicts {n_cls}: set the dataset before testing" in out)
+        assert (n_cls == 1000) != (f"test dataset (ImageNet) has 1000 classes, the model "
+                                   f"predicts {n_cls}: set the dataset" in out)
         load_checkpoint(model, str(dst), map_location='cpu', strict=True)
         with torch.no_grad():
             logits = model(fx['input'], mode='tensor')

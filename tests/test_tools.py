@@ -239,7 +239,8 @@ def test_test_tool_compiles_test_step_from_the_config(tiny, trained, tmp_path):
 def test_test_tool_refuses_checkpoints_that_do_not_fit(tiny, trained, tmp_path):
     """tools/test.py: an empty or corrupt checkpoint, or one whose tensors do not match the
     model's, is one line and exit status 2 (mmengine would load it with strict=False and evaluate
-    partly random weights); --allow-partial evaluates anyway."""
+    partly random weights); --allow-partial evaluates anyway. A test set whose class count
+    is not the model's is one line too."""
     cfg, _ = tiny
     work, _ = trained
     empty, partial = tmp_path / 'empty.pth', tmp_path / 'partial.pth'
@@ -268,6 +269,12 @@ def test_test_tool_refuses_checkpoints_that_do_not_fit(tiny, trained, tmp_path):
         assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
     proc = test_tool(partial, '--allow-partial')
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # a test set of another class count than the head's: silently wrong metrics otherwise
+    proc = test_tool(work / 'iter_4.pth', '--cfg-options',
+                     'test_dataloader.dataset.metainfo.classes=a,b')
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    assert re.search(r"^test.py: error: the config's test dataset \(\w+\) has 2 classes, the "
+                     r'model predicts \d+: set the dataset', proc.stderr, re.M), proc.stderr
 
 
 def test_stock_torch_load_needs_the_allow_list(trained):

@@ -26,7 +26,7 @@ from mmengine.config import Config
 import mmcbsa  # noqa: F401  (registers modules and checkpoint safe globals)
 from mmcbsa.cli import (add_allow_partial_arg, add_runner_args, build_runner,
                         export_local_rank, load_config, missing_data, user_errors)
-from mmcbsa.engine.weights import check_weights
+from mmcbsa.engine.weights import check_weights, class_count_problem
 
 
 def parse_args(argv=None):
@@ -150,6 +150,9 @@ def main(argv=None):
             while hasattr(model, 'module'):  # DDP / test-time-augmentation wrappers
                 model = model.module
             check_weights(model, args.checkpoint, args.allow_partial)
+            problem = class_count_problem(cfg, model)  # else silently wrong metrics
+            if problem:
+                raise ValueError(problem)
             compile_test_step(runner, cfg.get('compile'))
         if args.out is not None and cfg.get('default_scope') == 'mmpretrain':
             from mmengine.evaluator import DumpResults

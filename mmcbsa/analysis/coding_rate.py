@@ -81,4 +81,3 @@ def sparsity(t: Tensor, per_sample: bool = False) -> Tensor:
     if t.numel() == 0:
         raise ValueError('sparsity: empty tensor')
     return zeros.to(torch.float64).mean()
-

@@ -202,4 +202,3 @@ def score_binary_masks(preds: Sequence[Tensor], gts: Sequence[Tensor],
     iou = np.asarray(res['IoU'], dtype=np.float64) * 100
     return {'IoU.background': float(iou[0]), 'IoU.foreground': float(iou[1]),
             'mIoU': float(np.nanmean(iou)), 'aAcc': float(res['aAcc']) * 100}
-

@@ -10,8 +10,8 @@ from .kinds import KINDS, ConvertOptions, recognise
 from .official import ConversionFailed, ConversionReport, convert_official_checkpoint
 from .renames import (convert_attention, convert_cbt_decoder, convert_depict,
                       convert_mita_attention, convert_primal_attention,
-                      convert_primal_block_attention, convert_segmenter,
-                      convert_softmax_attention, convert_timm_vit, convert_white_box_vit)
+                      convert_primal_block_attention, convert_segmenter, convert_timm_vit,
+                      convert_white_box_vit)
 
 __all__ = [
     'ConversionError', 'read_reference_checkpoint',
@@ -19,5 +19,5 @@ __all__ = [
     'ConversionReport', 'convert_official_checkpoint', 'convert_attention',
     'convert_cbt_decoder', 'convert_depict', 'convert_mita_attention',
     'convert_primal_attention', 'convert_primal_block_attention', 'convert_segmenter',
-    'convert_softmax_attention', 'convert_timm_vit', 'convert_white_box_vit'
+    'convert_timm_vit', 'convert_white_box_vit'
 ]

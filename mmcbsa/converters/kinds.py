@@ -435,7 +435,7 @@ _ATTENTION_MODULES = (  # (what, its converter, its exact keys or (fewest, most)
     ('an MSSA attention module', "convert_attention('mssa', ...)", {'qkv.weight'} | _OUT),
     ('a TSSA attention module', "convert_attention('tssa', ...)", {'qkv.weight', 'temp'} | _OUT),
     ("a softmax-layout attention module (qkv, proj: ViT, MiTA or the CBSA repository's "
-     'ViT-adaptation attention)', 'convert_mita_attention for MiTA; the others keep their names',
+     'ViT-adaptation attention)', 'convert_mita_attention',
      ({'qkv.weight', 'proj.weight'},
       {'qkv.weight', 'qkv.bias', 'proj.weight', 'proj.bias', 'dwc.weight', 'dwc.bias'})))
 

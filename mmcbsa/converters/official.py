@@ -23,6 +23,7 @@ import torch
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
+from mmcbsa.engine.weights import class_count_problem
 from mmcbsa.model_index import index_root
 from mmcbsa.models.backbones import WhiteBoxViT
 from mmcbsa.registry import PRETRAIN_MODELS, SEG_MODELS
@@ -257,25 +258,8 @@ def convert_official_checkpoint(src: str, dst: str,
         if isinstance(e, ConversionError):
             raise ConversionError(f'{src}: {e}') from None
         raise
-    rec.notes += [n for n in [_classes_note(cfg, model)] if n]
+    rec.notes += [n for n in [class_count_problem(cfg, model)] if n]
     save_converted(converted, dst, src, kind=kind.name, config=osp.abspath(cfg_path),
                    sizes=rec.sizes)
     report.written = len(converted)
     return report
-
-
-def _classes_note(cfg: Config, model: torch.nn.Module) -> Optional[str]:
-    """A note when the config's test dataset has another class count than the model."""
-    from mmpretrain.registry import DATASETS as PRETRAIN_DATASETS
-    from mmseg.registry import DATASETS as SEG_DATASETS
-    registry = SEG_DATASETS if cfg.get('default_scope') == 'mmseg' else PRETRAIN_DATASETS
-    dataset = (cfg.get('test_dataloader') or {}).get('dataset') or {}
-    classes = (dataset.get('metainfo') or {}).get('classes')
-    if classes is None and isinstance(dataset.get('type'), str):
-        classes = getattr(registry.get(dataset['type']), 'METAINFO', {}).get('classes')
-    head = getattr(model, 'decode_head', None) or getattr(model, 'head', None)
-    n_cls = getattr(head, 'num_classes', None)
-    if classes is None or n_cls is None or len(classes) == n_cls:
-        return None
-    return (f"the config's test dataset ({dataset.get('type')}) has {len(classes)} classes, "
-            f'the checkpoint predicts {n_cls}: set the dataset before testing')

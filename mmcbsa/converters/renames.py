@@ -4,8 +4,9 @@ Each maps a reference state dict onto mmcbsa's / mmseg's / mmpretrain's names an
 drops a reference key silently (a ``KeyError`` names what is missing or left over); sizes
 are read in :mod:`mmcbsa.converters.kinds`. Attentions: CBSA / MSSA / TSSA (``proj`` or
 ``qkv`` -> ``in_proj``, ``to_out`` -> ``out_proj``, per-head ``(H, 1[, 1])`` steps and
-temperatures -> ``(H,)``), MiTA (same names), Primal-Attention (``we``, ``wr``, ``Lambda``,
-``concate_weight`` -> ``w_e``, ``w_r``, ``lambdas``, ``concat_proj``). Models: the CBSA
+temperatures -> ``(H,)``), MiTA and timm's softmax attention (same names),
+Primal-Attention (``we``, ``wr``, ``Lambda``, ``concate_weight`` -> ``w_e``, ``w_r``,
+``lambdas``, ``concat_proj``). Models: the CBSA
 repository's classifiers, timm ViTs (DeiT, Primal, MiTA-DeiT), the DEPICT and CBT
 decoders, Segmenter checkpoints (``encoder.`` through mmseg's own ``vit2mmseg``).
 """
@@ -18,7 +19,7 @@ from torch import Tensor
 
 __all__ = ['convert_attention', 'convert_mita_attention', 'convert_primal_attention',
            'convert_primal_block_attention', 'convert_white_box_vit',
-           'convert_timm_vit', 'convert_softmax_attention', 'convert_depict',
+           'convert_timm_vit', 'convert_depict',
            'convert_cbt_decoder', 'convert_segmenter', 'ENCODER_DROPPED']
 
 SD = Mapping[str, Tensor]
@@ -73,8 +74,9 @@ def convert_attention(kind: str, state_dict: SD, src_prefix: str = '',
 
 def convert_mita_attention(state_dict: SD, src_prefix: str = '',
                            dst_prefix: str = '') -> Dict[str, Tensor]:
-    """One MiTA module (``MiTA_Attention[_Conv[_Gate]]``): same names; ``qkv`` (``qkvg``
-    when gated) and ``proj`` weights required, biases and ``dwc`` copied when present."""
+    """One MiTA module (``MiTA_Attention[_Conv[_Gate]]``), or timm's softmax attention
+    (mmcbsa ``MHSA``), which shares its layout: same names; ``qkv`` (``qkvg`` when gated)
+    and ``proj`` weights required, biases and ``dwc`` copied when present."""
     proj_in = 'qkvg' if src_prefix + 'qkvg.weight' in state_dict else 'qkv'
     optional = [src_prefix + n for n in (f'{proj_in}.bias', 'proj.bias', 'dwc.weight',
                                          'dwc.bias')]
@@ -82,14 +84,6 @@ def convert_mita_attention(state_dict: SD, src_prefix: str = '',
     names.update({n[len(src_prefix):]: n[len(src_prefix):] for n in optional})
     return _rename(state_dict, _under(names, src_prefix, dst_prefix),
                    'convert_mita_attention', optional=optional)
-
-
-def convert_softmax_attention(state_dict: SD, src_prefix: str = '',
-                              dst_prefix: str = '') -> Dict[str, Tensor]:
-    """timm's softmax attention -> mmcbsa ``MHSA`` (same names; ``qkv.bias`` optional)."""
-    names = {n: n for n in ('qkv.weight', 'qkv.bias', 'proj.weight', 'proj.bias')}
-    return _rename(state_dict, _under(names, src_prefix, dst_prefix),
-                   'convert_softmax_attention', optional=[src_prefix + 'qkv.bias'])
 
 
 _PRIMAL = {'we': 'w_e', 'wr': 'w_r', 'Lambda': 'lambdas', 'qk.weight': 'qk.weight',
@@ -107,7 +101,7 @@ def convert_primal_attention(state_dict: SD, src_prefix: str = '',
 
 def convert_primal_block_attention(state_dict: SD, src: str, dst: str) -> Dict[str, Tensor]:
     """A Primal.+DeiT / PrimalFormer block: Primal when it has ``we``, else softmax."""
-    fn = convert_primal_attention if src + 'we' in state_dict else convert_softmax_attention
+    fn = convert_primal_attention if src + 'we' in state_dict else convert_mita_attention
     return fn(state_dict, src, dst)
 
 

@@ -7,12 +7,13 @@ from .dist import (MMCPUDistributedDataParallel, configure_cpu_distributed, init
                    setup_cpu_distributed)
 from .optimizers import LION_AVAILABLE
 from .safe_globals import mmengine_safe_globals, register_mmengine_safe_globals
-from .weights import (Checkpoint, check_weights, fit_problem, load_weights,
-                      load_weights_only, read_checkpoint, read_state_dict)
+from .weights import (Checkpoint, check_weights, class_count_problem, fit_problem,
+                      load_weights, load_weights_only, read_checkpoint, read_state_dict)
 
 __all__ = [
     'BF16AmpOptimWrapper', 'LION_AVAILABLE', 'configure_amp', 'MMCPUDistributedDataParallel',
     'configure_cpu_distributed', 'init_cpu_dist', 'setup_cpu_distributed',
-    'mmengine_safe_globals', 'register_mmengine_safe_globals', 'check_weights', 'fit_problem',
+    'mmengine_safe_globals', 'register_mmengine_safe_globals', 'check_weights',
+    'class_count_problem', 'fit_problem',
     'load_weights', 'load_weights_only', 'Checkpoint', 'read_checkpoint', 'read_state_dict'
 ]

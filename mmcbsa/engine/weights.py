@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch import Tensor
 
 __all__ = ['load_weights_only', 'Checkpoint', 'read_checkpoint', 'read_state_dict',
-           'fit_problem', 'load_weights', 'check_weights']
+           'fit_problem', 'load_weights', 'check_weights', 'class_count_problem']
 
 SHOWN = 3  # names listed per kind of problem
 
@@ -188,3 +188,26 @@ def check_weights(model: nn.Module, path: str, allow_partial: bool = False) -> N
     if problem is not None:
         raise ValueError(f'checkpoint {path} does not fit the model: {problem} '
                          '(--allow-partial loads only what fits)')
+
+
+def class_count_problem(cfg: Any, model: nn.Module) -> Optional[str]:
+    """``None`` unless the config's test dataset (its ``metainfo`` or its class's
+    ``METAINFO``) and the model's head (``decode_head`` / ``head``, wrappers' ``module``
+    unwrapped) both state a class count and these differ; then one sentence naming both.
+    The metrics would count only the dataset's classes and be silently wrong."""
+    from mmpretrain.registry import DATASETS as PRETRAIN_DATASETS
+    from mmseg.registry import DATASETS as SEG_DATASETS
+    registry = SEG_DATASETS if cfg.get('default_scope') == 'mmseg' else PRETRAIN_DATASETS
+    dataset = (cfg.get('test_dataloader') or {}).get('dataset') or {}
+    classes = (dataset.get('metainfo') or {}).get('classes')
+    if classes is None and isinstance(dataset.get('type'), str):
+        classes = getattr(registry.get(dataset['type']), 'METAINFO', {}).get('classes')
+    while hasattr(model, 'module'):
+        model = model.module
+    head = getattr(model, 'decode_head', None) or getattr(model, 'head', None)
+    n_cls = getattr(head, 'num_classes', None)
+    if classes is None or not isinstance(n_cls, int) or len(classes) == n_cls:
+        return None
+    return (f"the config's test dataset ({dataset.get('type')}) has {len(classes)} classes, "
+            f'the model predicts {n_cls}: set the dataset (test_dataloader.dataset) or the '
+            "head's num_classes before testing")
