@@ -460,6 +460,11 @@ def test_fit_problem_counts_by_hand():
     assert fit_problem(model, sd) == (
         "4 tensors against the model's 4: 1 missing keys (1.bias); 1 unexpected keys "
         '(2.weight); 1 shape mismatches, checkpoint vs model (0.weight (4, 2) vs (3, 2))')
+    # keys under an allowed prefix may be missing (a decoder-only checkpoint's encoder)
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith('1.')}
+    assert fit_problem(model, sd, allow_missing=['1.']) is None
+    assert fit_problem(model, sd, allow_missing=['0.']).startswith(
+        "2 tensors against the model's 4: 2 missing keys (1.weight, 1.bias)")
 
 
 @pytest.mark.parametrize('tool', list(TOOL_ARGS))

@@ -608,8 +608,9 @@ def test_refusals_name_the_problem(tmp_path, capsys):
     bad = dict(_fixture_sd('vit_cbsa_ista_classifier'))
     bad['transformer.layers.1.0.fn.proj.weight'] = torch.zeros(96, 64)
     _save_cbsa_main(bad, tmp_path / 'inconsistent.pth')
-    refused(tmp_path / 'inconsistent.pth', match=r'tensor shapes contradict the sizes read '
-            r'.*layers.1.attn.in_proj.weight: checkpoint \(96, 64\), model \(64, 64\)')
+    refused(tmp_path / 'inconsistent.pth', match=r'do not fit a cbt-classifier model of the '
+            r'sizes read .*1 shape mismatches, checkpoint vs model \(backbone.layers.1.attn.'
+            r'in_proj.weight \(96, 64\) vs \(64, 64\)\)')
     seg = {'encoder.' + k: v for k, v in _segmenter_encoder(128, 1, 16, 2, 256, 5).items()}
     seg.update({'decoder.' + k: v for k, v in _fixture_sd('cbt_decoder').items()})
     torch.save({'model': seg}, tmp_path / 'widths.pth')

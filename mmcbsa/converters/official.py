@@ -23,7 +23,7 @@ import torch
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
-from mmcbsa.engine.weights import class_count_problem
+from mmcbsa.engine.weights import class_count_problem, fit_problem
 from mmcbsa.model_index import index_root
 from mmcbsa.models.backbones import WhiteBoxViT
 from mmcbsa.registry import PRETRAIN_MODELS, SEG_MODELS
@@ -169,27 +169,14 @@ def _build_and_load(cfg: Config, state: Mapping[str, torch.Tensor],
             message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
             raise ConversionError('the sizes read give an impossible model: '
                                   + ' '.join(message.split())) from None
-    own = model.state_dict()
-    bad = [f'{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}'
-           for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if bad:
-        raise ConversionError('tensor shapes contradict the sizes read off the checkpoint: '
-                              + '; '.join(bad[:4]))
-    result = model.load_state_dict(dict(state), strict=False)
-    if result.unexpected_keys:
-        raise ConversionError(f'{len(result.unexpected_keys)} tensors have no place in a '
-                              f'{kind.name} model: {sorted(result.unexpected_keys)[:8]}')
-    expected: Dict[str, Tuple[int, str]] = {}
-    other = []
-    for key in result.missing_keys:
-        prefix = next((p for p in kind.expected_missing if key.startswith(p)), None)
-        if prefix is None:
-            other.append(key)
-        else:
-            expected[prefix] = (expected.get(prefix, (0, ))[0] + 1, kind.expected_missing[prefix])
-    if other:
-        raise ConversionError(f'the checkpoint does not fill {len(other)} parameters '
-                              f'of a {kind.name} model: {sorted(other)[:8]}')
+    problem = fit_problem(model, state, allow_missing=tuple(kind.expected_missing))
+    if problem:
+        raise ConversionError(f'the converted weights do not fit a {kind.name} model of the '
+                              f'sizes read off the checkpoint: {problem}')
+    model.load_state_dict(dict(state), strict=False)
+    unfilled = [k for k in model.state_dict() if k not in state]
+    expected = {p: (n, why) for p, why in kind.expected_missing.items()
+                if (n := sum(k.startswith(p) for k in unfilled))}
     return model, expected
 
 

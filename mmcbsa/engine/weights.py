@@ -133,12 +133,14 @@ def _names(keys: List[str]) -> str:
     return ', '.join(keys[:SHOWN]) + more
 
 
-def fit_problem(model: nn.Module, state_dict: Dict[str, Tensor]) -> Optional[str]:
+def fit_problem(model: nn.Module, state_dict: Mapping[str, Tensor],
+                allow_missing: Sequence[str] = ()) -> Optional[str]:
     """``None`` when ``state_dict`` has exactly the model's tensors with the model's
-    shapes, else one sentence counting the missing and unexpected keys and the shape
-    mismatches, with a few names of each."""
+    shapes (those under the prefixes ``allow_missing`` may be absent), else one sentence
+    counting the missing and unexpected keys and the shape mismatches, with a few names
+    of each."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
+    missing = [k for k in own if k not in state_dict and not k.startswith(tuple(allow_missing))]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}'
               for k in state_dict if k in own and state_dict[k].shape != own[k].shape]
