@@ -269,8 +269,8 @@ def test_perturb_robustness_tool(kind, configs, tmp_path):
     assert zero and all(r['value'] == clean['value'] for r in zero)  # σ = 0: exactly clean
     assert all(finite(r['value']) for r in rows)
     if kind == 'depict':
-        assert {r['mode'] for r in rows if r['transform'] == 'orthogonal'} == {'whole',
-                                                                              'per_head'}
+        assert {r['mode'] for r in rows if r['transform'] == 'orthogonal'} == {
+            'whole', 'per_head'}
     if kind == 'cbt_head':
         assert {r['params'] for r in rows if r['transform'] == 'gaussian'} == {
             r'decode_head\.layers\.\d+\.attn\.in_proj'}

@@ -515,8 +515,8 @@ def test_block_ista_layout_matches_hand_composition():
 def test_block_residual_layout_matches_hand_composition():
     block = randomize(build(dict(
         type='WhiteBoxBlock', embed_dims=12, num_heads=3, layout='residual',
-        attn_cfg=dict(type='MHSA'), ffn_cfg=dict(type='FFN', feedforward_channels=20,
-                                                   act_cfg=dict(type='GELU')))).double())
+        attn_cfg=dict(type='MHSA'),
+        ffn_cfg=dict(type='FFN', feedforward_channels=20, act_cfg=dict(type='GELU')))).double())
     x = torch.randn(2, 9, 12, dtype=torch.float64)
     at = block.attn
     x1 = x + ref_mhsa(_layer_norm(x, block.norm1), at.qkv.weight, at.qkv.bias, at.proj.weight,

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import mmcbsa  # noqa: F401  (registers the safe globals)
-from mmcbsa.engine import (MMCPUDistributedDataParallel, configure_cpu_distributed,
-                          mmengine_safe_globals, register_mmengine_safe_globals)
+from mmcbsa.engine import (configure_cpu_distributed, mmengine_safe_globals,
+                           register_mmengine_safe_globals)
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
