@@ -10,7 +10,7 @@ execution paths compute the same function (chosen by ``path``):
   expert, one softmax, values; and the backward) — ``O(N·(M + k')·p)`` work at every
   ``N``. The projections stay PyTorch GEMMs. Under ``torch.compile`` it is one custom
   op (no graph break). It is the only path that is faster than SDPA's fused softmax
-  attention at MiTA-DeiT's 197 tokens (numbers in the class docstring).
+  attention at MiTA-DeiT's 197 tokens (docs/benchmark_attention.md, "MiTA at DeiT's size").
 * **masked** (every CUDA input; the automatic choice there): one SDPA call over a key
   table with a boolean mask that opens each query's landmark keys and its expert's
   routed keys (:func:`masked_core`); no host synchronisation, no loop over samples or
