@@ -197,9 +197,10 @@ def class_count_problem(cfg: Any, model: nn.Module) -> Optional[str]:
     ``METAINFO``) and the model's head (``decode_head`` / ``head``, wrappers' ``module``
     unwrapped) both state a class count and these differ; then one sentence naming both.
     The metrics would count only the dataset's classes and be silently wrong."""
-    from mmpretrain.registry import DATASETS as PRETRAIN_DATASETS
-    from mmseg.registry import DATASETS as SEG_DATASETS
-    registry = SEG_DATASETS if cfg.get('default_scope') == 'mmseg' else PRETRAIN_DATASETS
+    if cfg.get('default_scope') == 'mmseg':
+        from mmseg.registry import DATASETS as registry
+    else:
+        from mmpretrain.registry import DATASETS as registry
     dataset = (cfg.get('test_dataloader') or {}).get('dataset') or {}
     classes = (dataset.get('metainfo') or {}).get('classes')
     if classes is None and isinstance(dataset.get('type'), str):
