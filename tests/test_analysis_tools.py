@@ -277,12 +277,20 @@ def test_perturb_robustness_tool(kind, configs, tmp_path):
     assert_png(tmp_path / 'perturb_robustness.png')
 
 
-def test_perturb_robustness_refuses_orthogonal_without_depict(configs, tmp_path, capsys):
+def test_perturb_robustness_refuses_what_it_cannot_measure(configs, tmp_path, capsys):
     tool = load_tool('perturb_robustness')
     with pytest.raises(SystemExit) as err:
         tool.main([configs['cbt_head'], '--out-dir', str(tmp_path), '--orthogonal',
                    '--sigmas', '0'])
     assert err.value.code == 2 and 'DEPICT' in capsys.readouterr().err
+    # a test set of another class count than the head's: every metric would be wrong
+    with pytest.raises(SystemExit) as err:
+        tool.main([configs['cbt_head'], '--out-dir', str(tmp_path), '--sigmas', '0',
+                   '--cfg-options', 'test_dataloader.dataset.metainfo.classes=a,b'])
+    line = capsys.readouterr().err.strip()
+    assert err.value.code == 2 and re.fullmatch(
+        r"perturb_robustness.py: error: the config's test dataset \(\w+\) has 2 classes, "
+        r"the model predicts \d+: set the dataset .* before testing", line), line
 
 
 def test_coding_rate_hook_logs_scalars(configs, tmp_path):

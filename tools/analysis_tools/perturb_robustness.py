@@ -39,7 +39,7 @@ from mmcbsa.analysis.plots import new_figure, set_title
 from mmcbsa.analysis.runtime import config_seed, resolve_device, unwrap
 from mmcbsa.cli import (add_analysis_args, build_runner, cli_main,
                         load_analysis_config, write_csv)
-from mmcbsa.engine.weights import load_weights
+from mmcbsa.engine.weights import class_count_problem, load_weights
 
 DEFAULT_SIGMAS = [float(f'{s:.4g}') for s in np.logspace(-3, 0, 7)]  # 1e-3 ... 1
 
@@ -149,6 +149,9 @@ def main(argv=None) -> List[dict]:
     else:  # the config's initialisation, as the other tools
         set_random_seed(config_seed(cfg))
         model.init_weights()
+    problem = class_count_problem(cfg, model)  # else every metric is silently wrong
+    if problem:
+        raise ValueError(problem)
     model.to(device)
     perturbed = list(scope_parameters(model, args.scope, args.params))  # fails early
     if not perturbed:
