@@ -455,6 +455,9 @@ def test_class_count_problem_by_hand():
         cfg(type='CityscapesDataset'), model)
     assert class_count_problem(cfg(type='CityscapesDataset'), torch.nn.Linear(1, 1)) is None
     assert class_count_problem(Config(dict(default_scope='mmseg')), model) is None
+    # mmpretrain's ``classes`` argument: a list counts, a file of names is not read here
+    assert 'has 2 classes' in class_count_problem(cfg(classes=['a', 'b']), model)
+    assert class_count_problem(cfg(classes='classes.txt'), model) is None
 
 
 def test_fit_problem_counts_by_hand():

@@ -193,23 +193,27 @@ def check_weights(model: nn.Module, path: str, allow_partial: bool = False) -> N
 
 
 def class_count_problem(cfg: Any, model: nn.Module) -> Optional[str]:
-    """``None`` unless the config's test dataset (its ``metainfo`` or its class's
-    ``METAINFO``) and the model's head (``decode_head`` / ``head``, wrappers' ``module``
-    unwrapped) both state a class count and these differ; then one sentence naming both.
-    The metrics would count only the dataset's classes and be silently wrong."""
+    """``None`` unless the config's test dataset (its ``metainfo``, mmpretrain's
+    ``classes`` list, or its class's ``METAINFO``) and the model's head (``decode_head``
+    / ``head``, wrappers' ``module`` unwrapped) both state a class count and these
+    differ; then one sentence naming both. The metrics would count only the dataset's
+    classes and be silently wrong."""
     if cfg.get('default_scope') == 'mmseg':
         from mmseg.registry import DATASETS as registry
     else:
         from mmpretrain.registry import DATASETS as registry
     dataset = (cfg.get('test_dataloader') or {}).get('dataset') or {}
-    classes = (dataset.get('metainfo') or {}).get('classes')
+    # metainfo, else mmpretrain's ``classes`` argument, else the dataset class's METAINFO
+    classes = (dataset.get('metainfo') or {}).get('classes', dataset.get('classes'))
     if classes is None and isinstance(dataset.get('type'), str):
         classes = getattr(registry.get(dataset['type']), 'METAINFO', {}).get('classes')
+    if not isinstance(classes, (list, tuple)):  # unknown, or a file of class names
+        return None
     while hasattr(model, 'module'):
         model = model.module
     head = getattr(model, 'decode_head', None) or getattr(model, 'head', None)
     n_cls = getattr(head, 'num_classes', None)
-    if classes is None or not isinstance(n_cls, int) or len(classes) == n_cls:
+    if not isinstance(n_cls, int) or len(classes) == n_cls:
         return None
     return (f"the config's test dataset ({dataset.get('type')}) has {len(classes)} classes, "
             f'the model predicts {n_cls}: set the dataset (test_dataloader.dataset) or the '
