@@ -69,10 +69,8 @@ ATTENTIONS = [
     AttentionCase('MiTA-dwc-gate', dict(type='MiTA', num_landmarks=4, topk=4, dwc=True,
                                         gate=True)),
     AttentionCase('MiTA-routed', dict(type='MiTA', num_landmarks=4, topk=8, mode='routed')),
-    # the grouped path (large N) sizes its expert blocks from the routing: its block
-    # bookkeeping runs eagerly (torch.compiler.disable)
-    AttentionCase('MiTA-grouped', dict(type='MiTA', num_landmarks=4, topk=4, path='grouped'),
-                  graph_breaks=('torch.compiler.disable()', )),
+    # the grouped path (large N): a fixed number of expert blocks, one graph
+    AttentionCase('MiTA-grouped', dict(type='MiTA', num_landmarks=4, topk=4, path='grouped')),
     AttentionCase('AdaptedCBSA', dict(type='AdaptedCBSA', num_reps=4)),
     AttentionCase('CBSA-learned', dict(type='CBSA', num_reps=4, rep_mode='learned')),
     # one attention call over a masked key table: the automatic choice on CUDA

@@ -156,28 +156,28 @@ def test_mita_dense_path_flops_match_hand_count():
 
 @pytest.mark.parametrize('block', [1, 4])
 def test_mita_layer_flops_match_hand_count(block):
-    """MiTA's grouped path pads each expert's queries to blocks of
-    ``query_block_size``: the real products are the nominal ``N·(M + k)·2p`` per head
-    plus the padded slots; with blocks of one query there is no padding."""
+    """MiTA's grouped path runs a fixed number of blocks of ``query_block_size = T``
+    queries per (sample, head), whatever the routing: each of the ``min(M, N)`` experts
+    may leave one block partly filled, so ``min(M, N) + ⌊(N − min(M, N)) / T⌋`` blocks
+    (here N = 17, M = 4: 17 blocks of one query, or 4 + 3 = 7 blocks of four). The real
+    products are ``(M + k)·2p`` per slot, padding included; with blocks of one query
+    there is no padding."""
     torch.manual_seed(0)
     b, c, heads, grid, topk, hw = 2, 24, 2, (2, 2), 3, (4, 4)
     n, m, p = 1 + hw[0] * hw[1], grid[0] * grid[1], c // heads
     attn = MiTA(c, heads, num_landmarks=grid, topk=topk, query_block_size=block,
                 path='grouped').eval()
     x = torch.randn(b, n, c)
+    slots = b * heads * {1: 17, 4: 7}[block] * block
     experts = _mita_experts(attn, x, hw)
-    slots = 0
-    for g in experts.reshape(b * heads, n):
-        for e in range(m):
-            count = int((g == e).sum())
-            slots += -(-count // block) * block  # queries of expert e, padded to blocks
+    needed = sum(-(-int((g == e).sum()) // block) * block  # the routing's own blocks
+                 for g in experts.reshape(b * heads, n) for e in range(m))
+    assert needed <= slots
     expected = (b * n * c * 3 * c  # qkv
                 + b * c * hw[0] * hw[1]  # landmark pooling
                 + 3 * b * heads * m * n * p  # r kᵀ, softmax(·) v, q rᵀ (gate)
                 + slots * (m + topk) * 2 * p  # one softmax over M agents + k routed keys
                 + b * n * c * c)  # output projection
-    if block == 1:
-        assert slots == b * heads * n
     assert _count(attn, x, hw=hw) == expected
 
 

@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         metavar='DEPTH', help='also print the per-module table (mmengine '
                         'complexity_stats_table) down to DEPTH (default 3)')
     parser.add_argument('--seed', type=int, default=0,
-                        help='seed of the random weights and input (MiTA routing)')
+                        help='seed of the random weights and input')
     add_cfg_options_arg(parser)
     return parser.parse_args(argv)
 

@@ -32,11 +32,14 @@ execution paths compute the same function (chosen by ``path``):
   ``query_block_size`` queries that share one expert (the last block of an expert
   is padded). Each block attends, in one softmax, to its key table (the ``M``
   landmark keys and the expert's ``k`` gathered keys; only the latter in
-  ``'routed'`` mode): one batched SDPA over ``(#blocks, T, M + k)`` (chunked over
-  blocks); outputs are moved back to token order. Peak memory
+  ``'routed'`` mode): one batched SDPA over ``(#blocks, T, M + k)`` without a mask
+  (chunked over blocks); outputs are moved back to token order. Peak memory
   ``O(N·(M + p) + (N/T + M)·(M + k)·p)`` per head, never ``O(N²)``; the block
-  size changes nothing but speed. The number of blocks depends on the routing
-  (a data-dependent shape).
+  size changes nothing but speed. The number of blocks is fixed by the sizes,
+  ``min(M, N) + ⌊(N − min(M, N))/T⌋`` per ``(batch, head)`` whatever the routing
+  (:func:`~.mita_paths.max_expert_blocks`; unused blocks are padding): no host
+  synchronisation, one ``torch.compile`` graph. CPU eager runs drop the padding
+  blocks (reading their number costs nothing there).
 
 Layout (PyTorch paths): token-major throughout (rows of ``p`` values per token and head, as the
 projections produce them; a channels-first layout had to transpose ``q, k, v`` and their
@@ -111,11 +114,11 @@ class MiTA(BaseModule):
     compiled CPU kernel (:mod:`mmcbsa.ops.mita_cpu`: only the ``M + k'`` open logits
     of each query, ``O(N·(M + k')·p)``), ``'dense'`` gathers the routed logits from
     the full ``N × N`` logit matrix (no data-dependent shapes, ``O(N²)`` memory),
-    ``'grouped'`` sorts queries by expert (``O(N)`` memory, a data-dependent block
-    count). ``path='auto'`` takes the masked path for CUDA inputs, the kernel for CPU
-    inputs computed in float32 or float64 whenever it is built (see :meth:`use_kernel`),
-    else ``'dense'`` for
-    ``N <= dense_max_tokens`` (by default a cost model, see :meth:`use_dense`) and
+    ``'grouped'`` sorts queries by expert (``O(N)`` memory, a fixed block count, one
+    unmasked attention call over ``M + k'`` keys per query block). ``path='auto'``
+    takes the masked path for CUDA inputs, the kernel for CPU inputs computed in
+    float32 or float64 whenever it is built (see :meth:`use_kernel`), else ``'dense'``
+    for ``N <= dense_max_tokens`` (by default a cost model, see :meth:`use_dense`) and
     ``'grouped'`` above. Only the CPU kernel is faster than softmax attention's fused
     SDPA kernel at MiTA-DeiT's 197 tokens: the PyTorch paths compute the ``M + k'``
     logits of a query through gathers, scatters and separate top-k, argmax and softmax
@@ -123,13 +126,9 @@ class MiTA(BaseModule):
     "CUDA").
 
     ``torch.compile``: the kernel is one custom op (``mmcbsa::mita_cpu_forward``,
-    backward registered) and the dense path has no data-dependent shapes: each is
-    captured as one graph. The grouped path breaks the
-    graph at its expert-block bookkeeping (:func:`expert_blocks`, excluded from
-    compilation with ``torch.compiler.disable``: the number of blocks depends on the
-    routing); dynamo reports that break once per enclosing frame (3 breaks), the rest
-    runs in compiled pieces. Checked with the inductor backend: forward and gradients
-    equal eager to ~1e-6 (float32) on the dense and grouped paths.
+    backward registered); the masked, dense and grouped paths have no data-dependent
+    shapes: each is captured as one graph. Checked with the inductor backend: forward
+    and gradients equal eager to ~1e-6 (float32) on the dense and grouped paths.
 
     Args:
         embed_dims: token width ``C``.

@@ -364,23 +364,40 @@ def masked_core(q: Tensor, k: Tensor, v: Tensor, pool: TokenPool, topk: int, rou
 
 
 # ----------------------------------------------------------------------------- grouped path
-@torch.compiler.disable  # data-dependent output sizes: run eagerly under torch.compile
-def expert_blocks(expert: Tensor, num_experts: int,
-                  block: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Group queries by expert into blocks of ``block`` slots.
+def max_expert_blocks(num_tokens: int, num_experts: int, block: int) -> int:
+    """The most blocks of ``block`` queries that :func:`expert_blocks` can need for one
+    group of ``N`` queries and ``M`` experts, whatever the routing: with ``E`` experts
+    holding ``c_e >= 1`` queries each, ``Σ_e ⌈c_e / T⌉ <= E + ⌊(N − E) / T⌋``, which
+    grows with ``E <= min(M, N)``."""
+    used = min(num_experts, num_tokens)
+    return used + (num_tokens - used) // block
+
+
+def expert_blocks(expert: Tensor, num_experts: int, block: int,
+                  trim: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Group queries by expert into blocks of ``block`` slots, in a fixed number of blocks.
+
+    The blocks of each group come first, expert by expert (an expert's last block
+    padded); the rest, up to :func:`max_expert_blocks` per group, are padding blocks.
+    Every size depends on ``(G, N, M, T)`` only, never on the routing: no host
+    synchronisation, one ``torch.compile`` graph, CUDA-graph friendly.
 
     Args:
         expert: ``(G, N)`` expert id in ``[0, M)`` of every query of each group
             (a group is one ``(batch, head)`` pair).
         num_experts: ``M``.
         block: slots per block ``T``.
+        trim: drop the padding blocks at the end (their number is read from the
+            routing: a host read, for CPU eager execution only, where it costs nothing
+            and the padding blocks cost up to 1.2× the fwd+bwd time).
 
     Returns:
         ``slot_query`` ``(nb*T,)``: flat query id ``g*N + n`` held by each slot
-        (``0`` for the padding slots at the end of an expert's last block);
-        ``slot_valid`` ``(nb*T,)``: bool, False for those padding slots;
+        (``0`` for the padding slots);
+        ``slot_valid`` ``(nb*T,)``: bool, False for the padding slots;
         ``query_slot`` ``(G*N,)``: the slot of each flat query id;
-        ``block_expert`` ``(nb,)``: flat expert id ``g*M + m`` of each block.
+        ``block_expert`` ``(nb,)``: flat expert id ``g*M + m`` of each block (any
+        valid id for a padding block), with ``nb = G·max_expert_blocks(N, M, T)``.
     """
     g, n = expert.shape
     dev = expert.device
@@ -389,20 +406,19 @@ def expert_blocks(expert: Tensor, num_experts: int,
     f_sorted = flat[order]
     bounds = torch.searchsorted(f_sorted, torch.arange(g * num_experts + 1, device=dev))
     seg_start, counts = bounds[:-1], bounds[1:] - bounds[:-1]  # queries per expert
-    nblk = (counts + block - 1) // block  # blocks per expert
-    blk_start = torch.cumsum(nblk, 0) - nblk
-    rank = torch.arange(g * n, device=dev) - seg_start[f_sorted]  # position inside the expert
-    slot = (blk_start[f_sorted] + torch.div(rank, block, rounding_mode='floor')) * block \
-        + rank % block
-    num_blocks = int(nblk.sum())  # data-dependent
-    slot_query = torch.zeros(num_blocks * block, dtype=torch.long, device=dev)
-    slot_query[slot] = order
-    slot_valid = torch.zeros(num_blocks * block, dtype=torch.bool, device=dev)
-    slot_valid[slot] = True
-    query_slot = torch.empty(g * n, dtype=torch.long, device=dev)
-    query_slot[order] = slot
-    block_expert = torch.repeat_interleave(
-        torch.arange(g * num_experts, device=dev), nblk, output_size=num_blocks)
+    nblk = torch.div(counts + block - 1, block, rounding_mode='floor')  # blocks per expert
+    blk_end = torch.cumsum(nblk, 0)
+    num_blocks = int(blk_end[-1]) if trim else g * max_expert_blocks(n, num_experts, block)
+    rank = torch.arange(g * n, device=dev) - seg_start[f_sorted]  # position in the expert
+    slot = (blk_end[f_sorted] - nblk[f_sorted]
+            + torch.div(rank, block, rounding_mode='floor')) * block + rank % block
+    slot_query = torch.zeros(num_blocks * block, dtype=torch.long, device=dev).scatter_(
+        0, slot, order)
+    query_slot = torch.empty(g * n, dtype=torch.long, device=dev).scatter_(0, order, slot)
+    # a slot is valid iff the query it holds is held there (padding slots hold query 0)
+    slot_valid = query_slot[slot_query] == torch.arange(num_blocks * block, device=dev)
+    block_expert = torch.searchsorted(blk_end, torch.arange(num_blocks, device=dev),
+                                      right=True).clamp_(max=g * num_experts - 1)
     return slot_query, slot_valid, query_slot, block_expert
 
 
@@ -433,13 +449,17 @@ class _MoveRows(torch.autograd.Function):
 def grouped_core(q: Tensor, k: Tensor, v: Tensor, r: Tensor, rk: Optional[Tensor],
                  key_idx: Tensor, expert: Tensor, routed: bool, scale: float, block: int,
                  max_blocks: int) -> Tensor:
-    """Same result as :func:`_dense_chunk`, queries grouped by expert (plain autograd).
+    """Same result as :func:`_dense_sample`, queries grouped by expert into blocks of
+    one expert (:func:`expert_blocks`; plain autograd). Each block attends to its
+    expert's key table in one unmasked SDPA call (blocks as heads, flash-capable), every
+    size fixed by ``(G, N, M, k', T)`` except on CPU eager, where the padding blocks
+    are dropped.
 
     Args:
         q, k, v: ``(G, N, p)``; r: landmarks ``(G, M, p)``.
         rk: raw ``r kᵀ (G, M, N)`` (mixture only).
         key_idx: ``(G, M, k')``; expert: ``(G, N)``.
-        routed, scale: as in :func:`_dense_chunk`.
+        routed, scale: as in :func:`_dense_sample`.
         block, max_blocks: queries per block, blocks per SDPA call.
 
     Returns:
@@ -450,7 +470,10 @@ def grouped_core(q: Tensor, k: Tensor, v: Tensor, r: Tensor, rk: Optional[Tensor
     k_rows, v_rows = k.reshape(g * n, p), v.reshape(g * n, p)  # token rows (views)
     with torch.no_grad():
         key_rows = (key_idx + torch.arange(g, device=q.device).view(g, 1, 1) * n).view(-1)
-        slot_query, slot_valid, query_slot, block_expert = expert_blocks(expert, m, block)
+        trim = q.device.type == 'cpu' and not (torch.compiler.is_compiling()
+                                               or torch.jit.is_tracing())
+        slot_query, slot_valid, query_slot, block_expert = expert_blocks(expert, m, block,
+                                                                         trim)
     # per-expert key/value tables (G·M, [M +] k', p): [landmarks / p ;] routed keys / √p
     keys = k_rows.index_select(0, key_rows).view(g, m, topk, p) * scale
     values = v_rows.index_select(0, key_rows).view(g, m, topk, p)
