@@ -110,3 +110,41 @@ def test_tokens_per_batch_dtype_and_floor_math(bench, tmp_path, capsys):
         err = capsys.readouterr().err
         assert exc.value.code == 2 and err.count('\n') == 1, err
         assert err.startswith(f'benchmark_attention.py: error: {message}'), err
+
+
+def test_mechanism_variants(bench, tmp_path, capsys):
+    """``NAME:key=value[,...]`` measures a mechanism with other constructor arguments as
+    its own row (after its mechanism), built with exactly those arguments; a variant that
+    cannot be built is one line and exit status 2, before anything is timed."""
+    import torch
+    assert bench.split_variant('MiTA') == ('MiTA', {})
+    assert bench.split_variant('MiTA:path=grouped,topk=9,query_block_size=4') == (
+        'MiTA', {'path': 'grouped', 'topk': 9, 'query_block_size': 4})
+    assert bench.available_mechanisms(['MiTA:path=grouped', 'CBSA', 'MiTA'], floor=False) == [
+        'MHSA', 'CBSA', 'MiTA:path=grouped', 'MiTA']
+    args = bench.parse_args(['--embed-dims', '32', '--num-heads', '2'])
+    built = bench.build('MiTA:path=grouped,topk=9', args, torch.device('cpu'))
+    assert (built.path, built.topk, built.embed_dims) == ('grouped', 9, 32)
+    torch_threads = torch.get_num_threads()
+    try:
+        rows = bench.main(['--n-list', '64', '--embed-dims', '32', '--num-heads', '2',
+                           '--mechanisms', 'MiTA:path=grouped,num_landmarks=4',
+                           'MiTA:path=dense,num_landmarks=4', '--devices', 'cpu',
+                           '--threads', '1', '--warmup', '0', '--repeat', '1', '--no-memory',
+                           '--no-floor', '--out-dir', str(tmp_path)])
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert [r['mechanism'] for r in rows if r['mode'] == 'fwd'] == [
+        'MHSA', 'MiTA:path=grouped,num_landmarks=4', 'MiTA:path=dense,num_landmarks=4']
+    assert all(r['time_ms'] > 0 for r in rows)
+    capsys.readouterr()
+    for spec, message in (('MiTA:foo=1', "'MiTA:foo=1': MiTA has no argument ['foo']"),
+                          ('MiTA:path', "'MiTA:path': expected NAME:key=value"),
+                          ('MiTA:', "'MiTA:': no key=value after the colon"),
+                          ('MHSA:x=1', "'MHSA:x=1': the reference lines MHSA and LinearFloor"),
+                          ('MiTA:path=fast', "'MiTA:path=fast': MiTA: path must be one of")):
+        with pytest.raises(SystemExit) as exc:
+            bench.main(['--mechanisms', spec, '--devices', 'cpu', '--out-dir', str(tmp_path)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.count('\n') == 1, err
+        assert err.startswith(f'benchmark_attention.py: error: --mechanisms: {message}'), err

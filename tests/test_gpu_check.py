@@ -64,7 +64,9 @@ def test_gpu_check_report_from_recorded_results(tmp_path):
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for mech, n, t, r in (('MHSA', 256, 1.0, 1.0), ('MHSA', 1024, 4.0, 1.0),
-                              ('CBSA', 1024, 1.0, 0.25)):
+                              ('CBSA', 1024, 1.0, 0.25), ('MHSA', 16384, 10.0, 1.0),
+                              ('MiTA', 16384, 7.0, 0.7), ('MiTA:path=grouped', 16384, 2.0, 0.2),
+                              ('MiTAX', 16384, 1.0, 0.1)):
             w.writerow(dict(device='cuda', dtype='bfloat16', mechanism=mech, n=n, grid='',
                             batch=1,
                             mode='fwd+bwd', time_ms=t, time_ratio=r, peak_mem_mb=8.0,
@@ -103,9 +105,9 @@ def test_gpu_check_report_from_recorded_results(tmp_path):
     table = _tool('gpu_check_report').report(str(tmp_path), cuda=True)
     assert '| CUDA tests (pytest -m cuda) | all | 2 passed, 1 failure, 1 skipped |' in table
     assert '| CUDA tests (pytest -m cuda) | skip reason | 1× why not |' in table
-    assert ('| attention benchmark, cuda, fwd+bwd, N=1024 | CBSA | 1.00 ms, 0.25× MHSA, '
-            'peak 8 MiB |') in table
-    assert 'N=256' not in table  # only the largest N
+    assert ('| attention benchmark, cuda, fwd+bwd, N=16384 | MiTA:path=grouped | 2.00 ms, '
+            '0.20× MHSA, peak 8 MiB |') in table
+    assert 'N=256' not in table and 'fwd+bwd, N=1024' not in table  # only the largest N
     assert ('| training throughput (cuda, bfloat16, 512², batch 8) | cbt-head-vit-s | '
             '150.0 images/s (53.30 ms), 1.50× segmenter-vit-s, peak 8.0 GiB |') in table
     assert ('| inference (cuda, bfloat16, 512², batch 1, compiled) | cbt-s-cbt-head | '
@@ -122,6 +124,9 @@ def test_gpu_check_report_from_recorded_results(tmp_path):
     assert ('| CBSA fwd+bwd vs SDPA, N=1024 | ≤ 0.9× | 0.25× (1.00 ms, bfloat16, batch 1) '
             '| yes |') in table
     assert '| MiTA fwd+bwd vs SDPA, N=1024 | ≤ 1.2× | not measured | n/a |' in table
+    # the best of MiTA and its variants (not another mechanism that starts with "MiTA")
+    assert ('| MiTA fwd+bwd vs SDPA, N=16384 | ≤ 0.3× | 0.20× (MiTA:path=grouped, 2.00 ms, '
+            'bfloat16, batch 1) | yes |') in table
     (tput / 'train_throughput.csv').unlink()
     assert ('| training throughput | - | not run (failed or was interrupted, see the log '
             'above) |') in _tool('gpu_check_report').report(str(tmp_path), cuda=True)

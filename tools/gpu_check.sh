@@ -5,7 +5,8 @@
 #    against the CPU, CBSA's Triton kernels and hand-written backward, MiTA's masked
 #    path without host synchronisation, fp16 loss scaling);
 # 2. the attention benchmark on CUDA in bf16 at 65,536 tokens per batch, N = 1024 ...
-#    65536, with the linear-attention floor (benchmark_attention.py);
+#    65536, with the linear-attention floor, MiTA on its automatic (masked) path and on
+#    its grouped path (benchmark_attention.py);
 # 3. training throughput at 512x512 in bf16 through mmengine's Runner: the CBT and
 #    DEPICT-SA heads on Segmenter ViT-S, CBT-S + CBT head against Segmenter ViT-S, CBT-S
 #    against DeiT-S (train_throughput.py);
@@ -51,7 +52,7 @@ if [ "$CUDA" = 1 ]; then
     # shellcheck disable=SC2086
     "$PYTHON" tools/analysis_tools/benchmark_attention.py --devices cuda --dtype bfloat16 \
         --tokens-per-batch 65536 --n-list 1024 4096 16384 65536 --max-quadratic-n 65536 \
-        --mechanisms CBSA AdaptedCBSA TSSA MiTA --repeat 7 \
+        --mechanisms CBSA AdaptedCBSA TSSA MiTA MiTA:path=grouped --repeat 7 \
         --out-dir "$OUT_DIR/benchmark_attention" ${BENCH_ARGS:-} || status=$?
 else
     echo "[gpu_check] skipped: benchmark_attention.py --devices cuda needs a CUDA device"

@@ -45,6 +45,10 @@ attention with the same projections as MHSA, ``φ(q) (φ(k)ᵀ v) / (φ(q) Σ_n 
 ``φ = elu + 1`` (Katharopoulos et al. 2020), in plain PyTorch: what any attention that is
 linear in ``N`` costs at least in PyTorch operators; ``× floor`` columns compare with it.
 
+Variants: ``--mechanisms MiTA MiTA:path=grouped`` measures a mechanism once more with
+other constructor arguments (``NAME:key=value[,key=value]``, values as Python literals), as
+its own row labelled with that text.
+
 ``--tokens-per-batch T``: the batch of each ``N`` is ``T // N`` (at least 1), so every
 ``N`` processes about the same number of tokens (how the GPU comparison of
 docs/benchmark_attention.md is made: 65,536 tokens per batch).
@@ -63,7 +67,9 @@ Example::
         --n-list 196 256 1024 4096 16384 --out-dir work_dirs/benchmark_attention
 """
 import argparse
+import ast
 import csv
+import inspect
 import math
 import os
 import statistics
@@ -109,7 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f'leave out the {FLOOR} reference line')
     parser.add_argument('--mechanisms', nargs='+', default=None,
                         help=f'subset of {CANDIDATES} (default: all registered; '
-                        f'{BASELINE} and {FLOOR} are always measured)')
+                        f'{BASELINE} and {FLOOR} are always measured); NAME:key=value[,...] '
+                        'adds a variant with those constructor arguments, e.g. '
+                        'MiTA:path=grouped')
     parser.add_argument('--devices', nargs='+', default=None,
                         help="'cpu' and/or 'cuda' (default: cpu, plus cuda when available)")
     parser.add_argument('--threads', type=int, default=2, help='torch.set_num_threads on CPU')
@@ -146,16 +154,46 @@ def parse_reps(text: str):
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def split_variant(text: str) -> Tuple[str, dict]:
+    """``'MiTA:path=grouped,topk=49'`` -> ``('MiTA', {'path': 'grouped', 'topk': 49})``
+    (values are Python literals, else strings; ``ValueError`` naming ``--mechanisms``)."""
+    name, colon, spec = text.partition(':')
+    extra = {}
+    for item in filter(None, spec.split(',')):
+        key, eq, value = item.partition('=')
+        if not eq or not key.isidentifier():
+            raise ValueError(f'--mechanisms: {text!r}: expected NAME:key=value[,key=value], '
+                             f'got {item!r}')
+        try:
+            extra[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            extra[key] = value
+    if colon and not extra:
+        raise ValueError(f'--mechanisms: {text!r}: no key=value after the colon')
+    return name, extra
+
+
 def available_mechanisms(requested: Optional[List[str]], floor: bool = True) -> List[str]:
+    """The mechanisms to measure: the baseline, the registered candidates (or those
+    requested, variants after their mechanism, in registration order), the floor."""
     import mmcbsa  # noqa: F401  (registers the attentions)
     from mmseg.registry import MODELS
     names = [BASELINE] + [n for n in CANDIDATES if MODELS.get(n) is not None]
     if requested:
-        missing = [n for n in requested if n not in names + [FLOOR]]
+        missing = [n for n in requested if split_variant(n)[0] not in names + [FLOOR]]
         if missing:
             raise ValueError(f'--mechanisms: not registered in MODELS: {missing}; '
                              f'available: {names}')
-        names = [BASELINE] + [n for n in names[1:] if n in requested]
+        for text in requested:
+            name, extra = split_variant(text)
+            if extra and name in (BASELINE, FLOOR):
+                raise ValueError(f'--mechanisms: {text!r}: the reference lines {BASELINE} '
+                                 f'and {FLOOR} take no arguments')
+            unknown = sorted(set(extra) - set(inspect.signature(MODELS.get(name)).parameters))
+            if unknown:
+                raise ValueError(f'--mechanisms: {text!r}: {name} has no argument {unknown}')
+        names = [BASELINE] + [r for n in names[1:] for r in dict.fromkeys(requested)
+                              if split_variant(r)[0] == n and r != BASELINE]
     return names + [FLOOR] * floor
 
 
@@ -185,10 +223,11 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> torch.nn
     from mmseg.registry import MODELS
     if name == FLOOR:
         return LinearFloor(args.embed_dims, args.num_heads).to(device)
+    name, extra = split_variant(name)
     cfg = dict(type=name, embed_dims=args.embed_dims, num_heads=args.num_heads)
     if name in ('CBSA', 'AdaptedCBSA'):
         cfg['num_reps'] = parse_reps(args.num_reps)
-    return MODELS.build(cfg).to(device)
+    return MODELS.build(dict(cfg, **extra)).to(device)
 
 
 def sync(device: torch.device) -> None:
@@ -405,6 +444,11 @@ def main(argv=None) -> List[dict]:
     check_args(args)
     torch.set_num_threads(args.threads)
     names = available_mechanisms(args.mechanisms, floor=not args.no_floor)
+    for name in (n for n in names if ':' in n):  # a variant's values, checked once, early
+        try:
+            build(name, args, torch.device('cpu'))
+        except (TypeError, ValueError, AssertionError) as err:
+            raise ValueError(f'--mechanisms: {name!r}: {err}') from None
     devices = args.devices or (['cpu'] + (['cuda'] if torch.cuda.is_available() else []))
     load_before = os.getloadavg() if hasattr(os, 'getloadavg') else None
     rows = []

@@ -133,13 +133,16 @@ def _measure(kind: str, sel: dict, bench: List[dict], train: List[dict],
     """``(value, how)`` of one target, or ``(None, why)``."""
     if kind in ('attn', 'floor'):
         col = 'time_ratio' if kind == 'attn' else 'floor_ratio'
+        # the mechanism or a variant of it (``MiTA:path=grouped``): the best row, named
         hit = [r for r in bench if r['device'] == 'cuda' and r['mode'] == 'fwd+bwd'
-               and r['mechanism'] == sel['mech'] and int(r['n']) == sel['n'] and r.get(col)]
+               and r['mechanism'].split(':')[0] == sel['mech'] and int(r['n']) == sel['n']
+               and r.get(col)]
         if not hit:
             return None, 'not measured'
-        r = hit[0]
-        return float(r[col]), f"{float(r['time_ms']):.2f} ms, {r.get('dtype', '?')}, " \
-            f"batch {r['batch']}"
+        r = min(hit, key=lambda r: float(r[col]))
+        variant = f"{r['mechanism']}, " if r['mechanism'] != sel['mech'] else ''
+        return float(r[col]), f"{variant}{float(r['time_ms']):.2f} ms, " \
+            f"{r.get('dtype', '?')}, batch {r['batch']}"
     if kind == 'train':
         hit = [r for r in train if r['model'] == sel['model'] and r.get('ratio')]
         if not hit:
