@@ -122,6 +122,9 @@ def test_mechanism_variants(bench, tmp_path, capsys):
         'MiTA', {'path': 'grouped', 'topk': 9, 'query_block_size': 4})
     assert bench.available_mechanisms(['MiTA:path=grouped', 'CBSA', 'MiTA'], floor=False) == [
         'MHSA', 'CBSA', 'MiTA:path=grouped', 'MiTA']
+    # the reference lines may be named (they are measured anyway)
+    assert bench.available_mechanisms(['CBSA', 'LinearFloor', 'MHSA']) == [
+        'MHSA', 'CBSA', 'LinearFloor']
     args = bench.parse_args(['--embed-dims', '32', '--num-heads', '2'])
     built = bench.build('MiTA:path=grouped,topk=9', args, torch.device('cpu'))
     assert (built.path, built.topk, built.embed_dims) == ('grouped', 9, 32)

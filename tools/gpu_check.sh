@@ -3,7 +3,7 @@
 #   bash tools/gpu_check.sh            # under 6 minutes on one H100-class GPU
 # 1. the CUDA tests: pytest -m cuda (every attention in fp32 / bf16 / fp16 on CUDA
 #    against the CPU, CBSA's Triton kernels and hand-written backward, MiTA's masked
-#    path without host synchronisation, fp16 loss scaling);
+#    and grouped paths without host synchronisation, fp16 loss scaling);
 # 2. the attention benchmark on CUDA in bf16 at 65,536 tokens per batch, N = 1024 ...
 #    65536, with the linear-attention floor, MiTA on its automatic (masked) path and on
 #    its grouped path (benchmark_attention.py);

@@ -186,7 +186,9 @@ def available_mechanisms(requested: Optional[List[str]], floor: bool = True) -> 
                              f'available: {names}')
         for text in requested:
             name, extra = split_variant(text)
-            if extra and name in (BASELINE, FLOOR):
+            if not extra:
+                continue
+            if name in (BASELINE, FLOOR):
                 raise ValueError(f'--mechanisms: {text!r}: the reference lines {BASELINE} '
                                  f'and {FLOOR} take no arguments')
             unknown = sorted(set(extra) - set(inspect.signature(MODELS.get(name)).parameters))
